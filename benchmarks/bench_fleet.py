@@ -530,6 +530,8 @@ def cluster(work: Path, args: argparse.Namespace, procs: Processes, total: int) 
     finally:
         procs.stop(servers)
         if etcd is not None:
+            if etcd.poll() is None:
+                etcd.send_signal(signal.SIGCONT)  # (a run that failed while --etcd-stall froze it)
             procs.stop([etcd])
         shutil.rmtree(data, ignore_errors=True)
 

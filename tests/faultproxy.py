@@ -39,6 +39,7 @@ MODES = (
     "flip-slow",
     "garble",
     "502",
+    "503-offline",
 )
 
 
@@ -135,6 +136,8 @@ class FaultProxy:
             mode = plan.mode
             if mode in ("500", "404", "502"):
                 return web.Response(status=int(mode), text="injected")
+            if mode == "503-offline":  # (a depot node's own reasoned refusal, as its error answers carry)
+                return web.Response(status=503, text="offline", headers={"X-Error-Code": "Offline"})
             if mode == "garble":
                 return web.Response(
                     status=200, body=b'{"size": 12, "blake3": [\x00garbled', content_type="application/json"

@@ -1294,3 +1294,16 @@ def test_a_discovery_closed_while_its_endpoints_race_leaves_no_client_open(how: 
 
         made, closed = run(main())
     assert made == 2 and closed == 2, (made, closed)
+
+
+def test_a_node_record_with_a_chunk_size_not_understood_stays_in_the_view() -> None:
+    """The chunk size a node registers is shown by `peers` alone: one not understood (a newer node's, a hand's)
+    made the whole record invalid, the node gone from every view (a review). It is not said; an older node's
+    record without it reads as not said."""
+    from modeldepot.discovery.base import NodeRecord
+
+    base = {"node_id": "n1", "url": "http://127.0.0.1:8980", "version": "1", "started_at": 1.0}
+    assert NodeRecord.from_dict(base).chunk_size == 0
+    assert NodeRecord.from_dict({**base, "chunk_size": 16 << 20}).chunk_size == 16 << 20
+    for odd in (None, "16MiB", -1, 1.5, True, 1 << 40):
+        assert NodeRecord.from_dict({**base, "chunk_size": odd}).chunk_size == 0

@@ -224,6 +224,31 @@ def test_a_hub_behind_a_gateway_that_says_502_is_waited_out_as_an_outage(
             proxy.stop()
 
 
+def test_a_depot_nodes_own_503_is_no_outage_to_wait_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A depot node given as HF_ENDPOINT that refuses with a reason of its own (503 Offline, ReadOnlyStore: its
+    X-Error-Code) is no gateway before a Hub that is down: no wait mends it, and the pull fails after its
+    attempts, not after the outage's patience (a review)."""
+    from conftest import SMALL_CHUNK
+
+    files = {BIG: random.Random(14).randbytes(16 * SMALL_CHUNK)}
+    with serving_repo(tmp_path / "upstream", files, REPO, chunk_size=SMALL_CHUNK) as node:
+        proxy = FaultProxy(node.url)
+        proxy.set("503-offline", times=-1)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+        monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "60")
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK) as depot:
+                began = time.monotonic()
+                with pytest.raises(UpstreamError, match="HTTP 503"):
+                    depot.pull(REPO)
+                assert time.monotonic() - began < 40, "the node's own refusal was waited out as an outage"
+        finally:
+            proxy.stop()
+
+
 def test_a_slow_but_alive_link_is_not_taken_for_an_outage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -787,13 +787,13 @@ def test_a_server_dropped_while_this_nodes_link_was_down_is_asked_again_once_byt
 ) -> None:
     """This node's cable pulled for 40 s: every peer failed with "no route to host" and was dropped for the rest
     of the pull, which then took the whole model from the Hub, three peers holding it (an explorer's trial).
-    A source dropped for a failure of this node's own link is asked again once bytes come from anywhere."""
+    A source dropped for a failure of this node's own link is asked again once bytes come from anywhere. (The
+    cut is made where a range is read: the error a range's attempts end in carries the reason, a review.)"""
     import errno
+    import functools
 
     from faultproxy import FaultProxy
-    from modeldepot.errors import UpstreamError
-    from modeldepot.transfer import download
-    from modeldepot.transfer.sources import HttpSource
+    from modeldepot.transfer import chain, download, sources
 
     big = random.Random(5).randbytes(8 << 20)
     files = {"config.json": b"{}", "model.safetensors": big}
@@ -803,17 +803,18 @@ def test_a_server_dropped_while_this_nodes_link_was_down_is_asked_again_once_byt
     ):
         proxy = FaultProxy(hub.url)
         proxy.set("slow", times=-1, slow_delay=0.2)  # (the Hub slow: the server, back, does the rest)
-        cut_until = time.monotonic() + 1.0
-        fetch = HttpSource.fetch
+        cut_until = time.monotonic() + 1.5
+        read_range = sources.read_range
 
-        async def cut_link(self: HttpSource, url: str, *args: object, **kwargs: object) -> memoryview:
+        def cut_link(url: str, *args: object, **kwargs: object) -> object:
             if url.startswith(server.url) and time.monotonic() < cut_until:
-                raise UpstreamError(f"{url}: OSError: No route to host", source=url) from OSError(
-                    errno.EHOSTUNREACH, "No route to host"
-                )
-            return await fetch(self, url, *args, **kwargs)  # type: ignore[arg-type]
+                raise OSError(errno.EHOSTUNREACH, "No route to host")
+            return read_range(url, *args, **kwargs)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(HttpSource, "fetch", cut_link)
+        monkeypatch.setattr(sources, "read_range", cut_link)
+        # (two quick attempts a range: dropped within the cut, as five over seconds of backoff are in a long one)
+        monkeypatch.setattr(chain, "RetryPolicy", functools.partial(sources.RetryPolicy, attempts=2,
+                                                                    base_delay=0.05))  # fmt: skip
         monkeypatch.setattr(download, "PARKED_AT_LEAST", 0.3)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_ENDPOINT", proxy.url)

@@ -474,7 +474,9 @@ def test_a_nodes_404_stands_until_the_chunk_is_claimed_afresh_and_not_after_that
     registry = MemRegistry("refused")
     a, b = node("a"), node("b")
 
-    async def whole(self: HttpSource, url: str, size: int, chunk_size: int) -> tuple[None, dict[int, str]]:
+    async def whole(
+        self: HttpSource, url: str, size: int, chunk_size: int, with_digests: bool = False
+    ) -> tuple[None, dict[int, str]]:
         return None, {}  # (b's chunk map: it holds the file whole)
 
     monkeypatch.setattr(HttpSource, "chunk_map", whole)
@@ -859,6 +861,9 @@ def test_while_the_registry_is_out_of_reach_a_holders_own_digest_makes_its_chunk
             swarm.refresh()
             assert job._checkable(holder, 0) and not job._checkable(holder, 1)  # (1: no digest given)
             assert job._expected(holder, 0) == "ab" * 32
+            # (landed so, the chunk is not settled in this node's name: the holder's word alone would become the
+            # fleet's settlement, a review)
+            assert job._on_map_word(holder, 0)
             registry.set_available(True)
             swarm.refresh()
             assert not job._checkable(holder, 0)

@@ -324,7 +324,7 @@ def test_a_chunk_the_partial_holder_turns_out_to_lack_goes_back_to_the_pool_and_
 
         async def claimed() -> frozenset[int] | None:
             held, digests = await source(low.url, "peer", True).source.chunk_map(
-                f"{low.url}{API}/blobs/{SHA}/chunks", len(DATA), SMALL_CHUNK
+                f"{low.url}{API}/blobs/{SHA}/chunks", len(DATA), SMALL_CHUNK, with_digests=True
             )
             # (with the BLAKE3 its log names for each chunk it offers: the lost one's too, as the log says)
             assert held is not None and set(digests) == held, (held, digests)

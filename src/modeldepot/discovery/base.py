@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from modeldepot.config import MAX_CHUNK_SIZE
 from modeldepot.errors import InvalidInputError
 from modeldepot.validation import (
     redact_credentials,
@@ -86,7 +87,9 @@ class NodeRecord:
         fields: dict[str, Any] = {
             name: data.get(name) for name in ("node_id", "url", "version", "started_at")
         }
-        fields["chunk_size"] = data.get("chunk_size", 0)
+        # (shown by `peers` alone: a value not understood is not said, the node stays in the view, a review)
+        size = data.get("chunk_size", 0)
+        fields["chunk_size"] = size if type(size) is int and 0 <= size <= MAX_CHUNK_SIZE else 0
         return check_node_record(cls(**fields))
 
 

@@ -50,6 +50,7 @@ from modeldepot.store.maintenance import partial_bytes, quarantine_bytes
 from modeldepot.store.maintenance import totals as store_totals
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
+from modeldepot.transfer.sources import DIGESTS_HEADER
 from modeldepot.validation import validate_revision
 
 __all__ = ["API", "HEALTH_PATH", "add_native_routes"]
@@ -521,9 +522,8 @@ async def chunk_map(request: web.Request) -> web.Response:
         # settlements in the registry are; a peer takes it while the registry cannot be read, which held every
         # claim's chunks from the fleet through an etcd outage, the Hub sending the model 2.4 times: a trial)
         offered = set(held)
-        digests = (
-            [log.logged[index] if index in offered else None for index in range(count)] if offered else None
-        )
+        if offered and request.headers.get(DIGESTS_HEADER) == "1":
+            digests = [log.logged[index] if index in offered else None for index in range(count)]
     else:
         raise NotFoundError(f"blob {sha256} is not in the store")
     return json_response(

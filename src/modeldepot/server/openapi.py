@@ -489,8 +489,8 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "`chunks` is a bitfield in base64: chunk i is bit i % 8 of byte i // 8, most significant "
                     "bit first, ceil(n / 8) bytes for n chunks. A complete blob's `blake3` lists the "
                     "BLAKE3 of each chunk, in order (a peer that found the blob by content checks each "
-                    "chunk it takes against them); a download's, of each chunk it offers, null for the others "
-                    "(taken while the registry's settlements cannot be read).",
+                    "chunk it takes against them); a download's, asked with `X-Chunk-Digests: 1`, of each chunk "
+                    "it offers, null for the others (taken while the registry's settlements cannot be read).",
                     "parameters": [blob_param],
                     "responses": {
                         "200": _json(

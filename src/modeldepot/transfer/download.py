@@ -216,7 +216,8 @@ class _FileJob(PaceWatch):
         # Peers dropped for a failure of this node's own link (no route: a cable pulled, a switch down), asked
         # again once bytes come from anywhere: its pull dropped every peer for good and took the rest of the
         # model from the Hub, three peers holding it whole (an explorer's trial)
-        self.parked: dict[FileSource, float] = {}  # -> when (monotonic) it was dropped so
+        self.parked: dict[FileSource, float] = {}  # -> when (monotonic) it may be asked again
+        self.parked_for: dict[FileSource, float] = {}  # -> seconds it was last parked (doubled each time)
         self.landing: set[int] = set()  # chunks being written
         self.counted: set[int] = set()  # chunks landed, told to on_bytes (on the loop)
         self.crediting: dict[int, int] = {}  # a chunk being told to on_bytes: its bytes not told yet
@@ -694,8 +695,9 @@ class _FileJob(PaceWatch):
         self.refreshed[source] = time.monotonic()
         try:
             held, digests = await source.source.chunk_map(
-                source.chunks_url, self.remote.size, self.partial.chunk_size
-            )
+                source.chunks_url, self.remote.size, self.partial.chunk_size,
+                with_digests=self.swarm is not None and self.swarm.registry_silent(),
+            )  # fmt: skip
         except NotFoundError:
             self.have[source] = frozenset()
         except DepotError as error:
@@ -896,6 +898,17 @@ class _FileJob(PaceWatch):
             return self.map_digests.get(source, {}).get(index)  # (its chunk map's: the same word)
         return None
 
+    def _on_map_word(self, source: FileSource, index: int) -> bool:
+        """Whether chunk ``index`` from ``source`` was checked against the holder's chunk-map digest alone
+        (no settlement known, no digests of its own given with the source)."""
+        return (
+            self.swarm is not None
+            and source.kind != "hub"
+            and not source.chunk_blake3
+            and self.swarm.digest(index) is None
+            and index in self.map_digests.get(source, {})
+        )
+
     def _map_in_place(self, index: int, request: ChunkRequest) -> mmap.mmap | None:
         """The chunk's own pages in the file for ``request`` to receive into, unless another request (the
         endgame's other copy) writes there or the chunk is landing: then None, and a buffer is used."""
@@ -950,7 +963,7 @@ class _FileJob(PaceWatch):
                 self.small_digest = whole
                 self._landed(source, index, len(data))
                 if self.swarm is not None:
-                    await self.swarm.settle(index, digest)
+                    await self.swarm.settle(index, digest, vouched=not self._on_map_word(source, index))
                 return
         else:
             digest = await asyncio.to_thread(_blake3, data)
@@ -990,7 +1003,9 @@ class _FileJob(PaceWatch):
             self.landing.discard(index)
         self._landed(source, index, len(data), part)
         if self.swarm is not None:  # a chunk this node claimed, whoever it came from in the end
-            await self.swarm.settle(index, digest)  # the fleet may take it from this node now
+            # (the fleet may take it from this node now; not on a holder's chunk-map word alone, taken while the
+            # registry was silent: that word would become the fleet's settlement, a review)
+            await self.swarm.settle(index, digest, vouched=not self._on_map_word(source, index))
 
     def _landed(self, source: FileSource, index: int, length: int, part: int = 0) -> None:
         """``part``: bytes at the chunk's start a transfer that stopped left in the file: credited to the
@@ -1016,7 +1031,7 @@ class _FileJob(PaceWatch):
             self.peer_landed.append((time.monotonic(), length - part))
         if self.parked and source not in self.parked:  # (the link works again: the peers may too)
             now = time.monotonic()  # (not a peer whose own host is unreachable, at every chunk landed)
-            again = [parked for parked, since in self.parked.items() if now - since >= PARKED_AT_LEAST]
+            again = [parked for parked, until in self.parked.items() if now >= until]
             if again:
                 for parked in again:
                     del self.parked[parked]
@@ -1127,7 +1142,10 @@ class _FileJob(PaceWatch):
             self.live.remove(source)
             self.errors[source.source.name] = error
             if source.kind != "hub" and _no_route(error):
-                self.parked[source] = time.monotonic()
+                # (a peer unreachable for good, a firewall's reject, waits longer each time: 5, 10, 20... 80 s)
+                wait = min(2 * self.parked_for.get(source, PARKED_AT_LEAST / 2), 16 * PARKED_AT_LEAST)
+                self.parked_for[source] = wait
+                self.parked[source] = time.monotonic() + wait
             log.info("%s: no longer asking %s for it (%s)", self.remote.path, source.source.name, error)
             if source.kind != "hub" and not isinstance(error, (AccessDeniedError, ChunkUnavailableError)):
                 # (a node of the fleet that hangs or fails cost every pull of what it holds seconds, and only

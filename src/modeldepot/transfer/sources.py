@@ -124,6 +124,10 @@ REFUSED_RETRY_DELAY = 0.2
 _UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN})
 
 
+# Asks a node for the BLAKE3 of each chunk of a download in progress in its chunk map (as its log names them:
+# a map of thousands of chunks grew 50-280 times with them, read every 2 s by each peer, a review)
+DIGESTS_HEADER = "X-Chunk-Digests"
+
 # What a gateway before an upstream answers when the upstream does not (Bad Gateway, Service Unavailable,
 # Gateway Timeout)
 _GATEWAY_DOWN = frozenset({502, 503, 504})
@@ -258,10 +262,14 @@ class HttpSource:
         resumed = 0  # attempts that continued where a cut one stopped
         outage_waits = 0  # of the Hub's attempts that met the pull's outage
         tried = 0
+        last_error: BaseException | None = (
+            None  # (the cause the error carries: transfer/download's _no_route)
+        )
         while True:
             retry_after = None
             # (what the last attempt met is what the error says)
-            timed_out = no_answer = refused = too_slow = False
+            timed_out = no_answer = refused = too_slow = gateway_down = False
+            last_error = None
             kept = receiving.kept
             # (its bytes counted as they cross the wire, whether the chunk lands or not: counted as chunks
             # landed, a pull's parts kept when its source died were never counted, and its resume said them
@@ -306,8 +314,13 @@ class HttpSource:
                     problem = f"HTTP {status}"
                     # A gateway before the Hub (a load balancer, a CDN, a corporate proxy) saying the Hub does
                     # not answer is the Hub's outage as a refused connection is: waited out for the patience,
-                    # not every pull of a fleet failed after 30 s (an explorer's trial)
-                    no_answer = self.kind == "hub" and status in _GATEWAY_DOWN
+                    # not every pull of a fleet failed after 30 s (an explorer's trial). Not a depot node's own
+                    # reasoned refusal (X-Error-Code: Offline, ReadOnlyStore...), which no wait mends (a review)
+                    gateway_down = (
+                        self.kind == "hub"
+                        and status in _GATEWAY_DOWN
+                        and "X-Error-Code" not in answer.headers
+                    )
                 elif status == 404 and answer.headers.get("X-Error-Code") == "ChunkNotAvailable":
                     raise ChunkUnavailableError(f"{url} bytes {start}-{start + want - 1}: not held there (yet)",
                                                 source=url, status=404)  # fmt: skip
@@ -335,10 +348,12 @@ class HttpSource:
                 timed_out, no_answer = isinstance(error, TimeoutError), is_no_answer(error)
                 refused = isinstance(error, ConnectionRefusedError)
                 too_slow = isinstance(error, TooSlowError)
+                last_error = error
             # What the attempt read before it failed is in place: the next one asks for the rest only.
             receiving.kept, receiving.attempt = receiving.kept + attempt.received, None
+            silent = no_answer or gateway_down  # (for the pull's outage clock: nothing came of the Hub)
             if clock is not None:
-                clock.attempt_ended(token, heard=bool(attempt.received) or not no_answer)
+                clock.attempt_ended(token, heard=bool(attempt.received) or not silent)
             if attempt.received and resumed < self.retry.max_resumes and not too_slow:
                 # Not a failure: the link works and the range moved (a link cut every 700 KiB completed no
                 # 16 MiB chunk in five attempts). Asked again at once when it brought much, else after the
@@ -350,12 +365,14 @@ class HttpSource:
                     await asyncio.sleep(self.retry.delay(0, retry_after))
                 continue
             failures += 1
-            if no_answer and self.kind == "hub" and clock is not None and clock.outage() and clock.left() > 0:
+            if silent and self.kind == "hub" and clock is not None and clock.outage() and clock.left() > 0:
                 # Nothing came from any source of the pull for a while, the Hub (the last resort) did not
                 # answer: the network's failure. Asked again until the pull has heard nothing for its
-                # patience; then its attempts count as ever. (A node is not waited for: failed over.)
+                # patience; then its attempts count as ever. (A node is not waited for: failed over.) Not
+                # sooner than a Retry-After asks (a review).
                 clock.say(f"{url}: {problem}")
-                await asyncio.sleep(wait_in_outage(outage_waits, clock))
+                asked = self.retry.delay(0, retry_after) if retry_after else 0.0
+                await asyncio.sleep(max(wait_in_outage(outage_waits, clock), asked))
                 outage_waits += 1
                 continue
             if failures >= self.retry.attempts:
@@ -372,7 +389,7 @@ class HttpSource:
         failed = kind(f"{url} bytes {start}-{start + want - 1}: {problem} after {tried} attempt{'s' if tried > 1 else ''}",
                       source=url)  # fmt: skip
         failed.network = no_answer
-        raise failed
+        raise failed from last_error
 
     async def _attempt(self, url: str, start: int, end: int, size: int, into: memoryview,
                        headers: dict[str, str], attempt: Attempt) -> Answer:  # fmt: skip
@@ -382,14 +399,14 @@ class HttpSource:
                                                               self.retry.read_timeout, attempt, self.limit))  # fmt: skip
 
     async def chunk_map(
-        self, url: str, size: int, chunk_size: int
+        self, url: str, size: int, chunk_size: int, with_digests: bool = False
     ) -> tuple[frozenset[int] | None, dict[int, str]]:
         """Which of our ``chunk_size`` chunks of a ``size``-byte file a node can serve, from its bitfield
         (``GET /api/depot/v1/blobs/{sha256}/chunks``): None when it holds the whole file. A node that chunks
-        otherwise serves our chunk when it holds every one of its chunks that the span touches. And, of a
-        download in progress at our chunk size, the BLAKE3 its log names for each chunk it offers (its own
-        word, validated). One attempt."""
-        body = await self._chunk_map_body(url)
+        otherwise serves our chunk when it holds every one of its chunks that the span touches. And, asked
+        (``with_digests``: a header an older node ignores), of a download in progress at our chunk size, the
+        BLAKE3 its log names for each chunk it offers (its own word, validated). One attempt."""
+        body = await self._chunk_map_body(url, {DIGESTS_HEADER: "1"} if with_digests else None)
         held = _parse_chunk_map(url, body, size, chunk_size)
         digests: dict[int, str] = {}
         given = body.get("blake3")
@@ -415,9 +432,10 @@ class HttpSource:
             raise UpstreamDataError(url, "chunk map", "its blake3 is not one digest a chunk")
         return tuple(from_upstream(url, "chunk digest", validate_blake3, digest) for digest in digests)
 
-    async def _chunk_map_body(self, url: str) -> Any:
+    async def _chunk_map_body(self, url: str, extra: dict[str, str] | None = None) -> Any:
         try:
-            reply = await small_request("GET", url, self.headers(), min(self.retry.read_timeout, SILENT_PEER))
+            headers = {**self.headers(), **(extra or {})}
+            reply = await small_request("GET", url, headers, min(self.retry.read_timeout, SILENT_PEER))
             if reply.status != 200:
                 raise _final_error(reply.status, url, reply.headers.get("X-Error-Message"))
             try:

@@ -493,10 +493,11 @@ class SwarmFile:
         """Count one event of this file's swarm (reported by the pull: why the Hub was asked)."""
         self.events[event] = self.events.get(event, 0) + 1
 
-    async def settle(self, index: int, digest: str) -> None:
-        """Tell the fleet the chunk this node claimed has landed, and its BLAKE3."""
+    async def settle(self, index: int, digest: str, vouched: bool = True) -> None:
+        """Tell the fleet the chunk this node claimed has landed, and its BLAKE3 (not when the chunk was
+        checked against a holder's own word alone, ``vouched`` False: it lands, unsettled)."""
         self.landed.add(index)
-        if index in self.mine:
+        if index in self.mine and vouched:
             sha, size = self.sha256, self.chunk_size
             await self.fleet.call(lambda d: d.settle_claim(sha, size, index, digest), None)
 
