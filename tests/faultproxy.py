@@ -121,7 +121,7 @@ class FaultProxy:
         headers = {
             k: v
             for k, v in request.headers.items()
-            if k.lower() in ("range", "authorization", "accept-encoding")
+            if k.lower() in ("range", "authorization", "accept-encoding", "x-chunk-digests")
         }
         if plan.mode == "hang":
             (plan.requests if is_file else plan.api_requests).append(request.path)

@@ -81,7 +81,11 @@ class Proxy(ForwardingProxy):
                 await asyncio.Event().wait()  # (until the client goes)
             if self.chunks[-1] in self.gone:
                 return web.json_response({"error": "not found"}, status=404)
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("range", "authorization")}
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() in ("range", "authorization", "x-chunk-digests")
+        }
         async with self.session.get(self.upstream + request.path_qs, headers=headers) as upstream:
             body = await upstream.read()
             out = {k: v for k, v in upstream.headers.items()
