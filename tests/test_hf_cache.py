@@ -875,6 +875,24 @@ def test_two_spellings_of_one_repo_are_adopted_as_one_the_newest_refs_kept(
     assert code == 0 and "note" in err and "merged" in err, err
 
 
+def test_a_one_off_call_under_a_mistyped_case_does_not_name_the_repo(
+    depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode]
+) -> None:
+    """The whole repo downloaded as acme/sample, then one later call spelled ACME/Sample fetched a config:
+    the newest folder is the typo's, and its spelling named the repo for good (an explorer's trial). The
+    folder holding the most bytes names it."""
+    _, node = source
+    hf_hub_download("ACME/Sample", "config.json", endpoint=node.url, cache_dir=hf_cache)
+    typo = hf_cache / "models--ACME--Sample"
+    assert typo.is_dir() and len(list((typo / "blobs").iterdir())) == 1
+    os.utime(hf_cache / FOLDER / "refs" / "main", (1_000_000_000, 1_000_000_000))  # the typo's is newest
+    result = depot.hf_cache_import(cache_dir=hf_cache)
+    assert result.ok, result.problems
+    assert [r.repo_id for r in depot.list_repos()] == [SAMPLE]
+    notes = [p for p in result.problems if p.problem == "merged"]
+    assert len(notes) == 1 and f"as {SAMPLE};" in notes[0].detail, result.problems
+
+
 def test_only_the_repos_asked_for_and_private_stays_private(
     depot: Depot, hf_cache: Path, source: tuple[Depot, LiveNode], tmp_path: Path
 ) -> None:

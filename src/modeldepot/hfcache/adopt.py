@@ -180,7 +180,9 @@ def _one_folder_per_repo(
 ) -> list[tuple[str, Path]]:
     """The Hub matches repo ids whatever their case, the Hugging Face cache keeps a folder per spelling
     (``Org/Model`` and ``org/model`` downloaded twice): such folders are one repo, adopted under one
-    spelling (the store's, else the newest folder's), the newest folder last, so that where their refs
+    spelling (the store's, else that of the folder holding the most bytes, the newest of those: a one-off
+    call with a mistyped case downloads a tokenizer or a config, and was the newest folder, whose spelling
+    then named the repo for good, an explorer's trial), the newest folder last, so that where their refs
     differ the newest download's are kept. Said in a note."""
     groups: dict[str, list[tuple[str, Path]]] = {}
     for repo_id, folder in folders:
@@ -188,7 +190,8 @@ def _one_folder_per_repo(
     ordered = []
     for group in groups.values():
         group.sort(key=lambda item: (_refs_written(item[1]), item[1].name))
-        spelling = store.spelled(group[-1][0])
+        fullest = max(group, key=lambda item: (_blob_bytes(item[1]), _refs_written(item[1]), item[1].name))
+        spelling = store.spelled(fullest[0])
         if len(group) > 1:
             names = ", ".join(folder.name for _, folder in group)
             scan.problem(spelling, group[-1][1], "merged",
@@ -198,6 +201,17 @@ def _one_folder_per_repo(
                          "is held (then a branch-kept note follows)")  # fmt: skip
         ordered += [(spelling, folder) for _, folder in group]
     return ordered
+
+
+def _blob_bytes(folder: Path) -> int:
+    """What the folder's finished blobs hold, in bytes (0 where they cannot be listed)."""
+    total = 0
+    with contextlib.suppress(OSError), os.scandir(folder / "blobs") as entries:
+        for entry in entries:
+            if not entry.name.endswith(".incomplete"):
+                with contextlib.suppress(OSError):
+                    total += entry.stat().st_size
+    return total
 
 
 def _refs_written(folder: Path) -> float:
