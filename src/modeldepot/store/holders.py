@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import time
+import zlib
 from collections.abc import Collection
 from pathlib import Path
 
@@ -270,9 +271,12 @@ def say_sending(fd: int, digests: Collection[str]) -> None:
     """Write in this process's announcement (:func:`announce_letting_go`'s ``fd``) the blobs it is sending
     now, one SHA-256 a line: a node lets go of its preloads within seconds, not of an answer in flight to a
     slow client, and another process's eviction of that blob freed nothing while it said so (an explorer's
-    trial). The same file (its lock is the announcement): written over, then cut to its length; a reader
-    that reads between may see an old line more, kept from eviction a moment longer. Never raises."""
-    data = "".join(f"{sha256}\n" for sha256 in sorted(digests)).encode()
+    trial). The same file (its lock is the announcement): written over, then cut to its length, the list's
+    CRC-32 on its last line, so that a reader can tell a read that raced the writes (a read is not atomic
+    against a write: one saw a line of mixed bytes and missed a blob being sent for that look, a review)
+    and read again. Never raises."""
+    body = "".join(f"{sha256}\n" for sha256 in sorted(digests)).encode()
+    data = body + b"crc32 %08x\n" % zlib.crc32(body)
     with contextlib.suppress(OSError):
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
@@ -295,7 +299,7 @@ def sent_by(folder: Path, pids: Collection[int]) -> dict[str, set[int]]:
             except OSError:
                 continue
             try:
-                data = os.read(fd, 1 << 20)
+                data = _whole_list(fd)
             except OSError:
                 continue
             finally:
@@ -309,6 +313,25 @@ def sent_by(folder: Path, pids: Collection[int]) -> dict[str, set[int]]:
 
 
 _SENT = re.compile(rb"[0-9a-f]{64}")
+SENDING_READS = 20  # reads of a sending list, at most, until one is whole (its CRC-32 matches)
+
+
+def _whole_list(fd: int) -> bytes:
+    """The sending list in ``fd`` as one write left it: read again (a moment apart) while the read raced a
+    write; after SENDING_READS, every read's lines together (a line torn by a write names no blob; and the
+    list of a node of a version before the CRC, read so, a tenth of a second late)."""
+    reads = []
+    for attempt in range(SENDING_READS):
+        data = os.pread(fd, 1 << 20, 0)
+        if not data:
+            return data  # (nothing said yet)
+        body, _, last = data.rstrip(b"\n").rpartition(b"\n")
+        body = body + b"\n" if body else b""
+        if last == b"crc32 %08x" % zlib.crc32(body):
+            return body
+        reads.append(data)
+        time.sleep(0.0005 * attempt)
+    return b"\n".join(reads)
 
 
 def _flock_holders() -> dict[int, int]:
