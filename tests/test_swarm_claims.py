@@ -497,6 +497,7 @@ def test_a_nodes_404_stands_until_the_chunk_is_claimed_afresh_and_not_after_that
             ChunkChooser.__init__(job, partial, swarm)  # type: ignore[arg-type]
             job.remote = types.SimpleNamespace(size=SIZE, path="f")  # type: ignore[assignment]
             job.refreshing, job.refreshed, job._pulse = set(), {}, lambda: None  # type: ignore[method-assign]
+            job.limits = download_module.Limits()
             job.live, job.have = [holder, hub], {holder: None, hub: None}
 
             def announce() -> None:
@@ -647,7 +648,7 @@ def test_a_late_claim_is_given_up_by_its_pace_on_the_wire_and_not_while_a_copy_l
             swarm.refresh()
             assert set(swarm.own_claims_late()) == {1, 2, 3}
             job = _FileJob.__new__(_FileJob)
-            job.swarm, job.landing = swarm, {3}
+            job.swarm, job.landing, job.limits = swarm, {3}, download_module.Limits()
             job.remote = types.SimpleNamespace(size=SIZE, path="f")  # type: ignore[assignment]
             job.partial = types.SimpleNamespace(chunk_size=CHUNK)  # type: ignore[assignment]
             slow, in_time, landing = (
@@ -659,88 +660,13 @@ def test_a_late_claim_is_given_up_by_its_pace_on_the_wire_and_not_while_a_copy_l
             assert await job._yield_late_claims()
             assert slow.task.cancelled() and not in_time.task.done() and not landing.task.done()
             assert swarm.follower and swarm.given_up == {1} and swarm.events["claims_given_up"] == 1
+            assert job.limits.link_bound_at == clock.now  # (for every file of the transfer)
             assert set(da.claims(SHA, CHUNK)) >= {2, 3} and 1 not in da.claims(SHA, CHUNK)
             # (just on the wire: its pace is not known yet)
             clock.now += 1
             fresh = on_the_wire(0.5, 0)
             job.requests = {2: [fresh]}
             assert not await job._yield_late_claims() and not fresh.task.done()
-
-    run(main())
-
-
-def test_a_request_that_waits_for_its_slot_claims_its_chunk_only_once_it_has_the_slot() -> None:
-    """A swarm's claim is made when its request may go on the wire, not while it waits for the source's
-    slot: a node on a narrow link whose three files' workers each claimed at once won most of a model's
-    chunks at the start and fetched a few at a time, the others waiting on the rest (an explorer's trial).
-    A claim refused then gives the slots back."""
-    hub = FileSource(HttpSource("http://hub.test", "hub"), "http://hub.test/f")
-    asked: list[int] = []
-
-    async def main() -> None:
-        job = _FileJob.__new__(_FileJob)
-        job.limits = download_module.Limits(per_source=1, total=4)
-        job.remote = types.SimpleNamespace(size=SIZE, path="f")  # type: ignore[assignment]
-        job.partial = types.SimpleNamespace(chunk_size=CHUNK, chunks=SIZE // CHUNK)  # type: ignore[assignment]
-
-        async def refused() -> bool:
-            asked.append(len(asked))
-            return False
-
-        slot = job.limits.source_slot(hub.source)
-        await slot.acquire()  # another file's request holds the Hub's one slot
-        fetching = asyncio.ensure_future(job._fetch_chunk(hub, 2, ChunkRequest(hub, 0.0), refused))
-        await asyncio.sleep(0.05)
-        assert not asked and not fetching.done()  # no claim while it waits
-        slot.release()
-        assert await fetching is False and asked == [0]
-        assert slot._value == 1 and job.limits.buffer_slot()._value == 4  # both given back
-
-    run(main())
-
-
-def test_a_hub_request_whose_claim_another_node_took_over_is_stopped(
-    clock: Clock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A node whose claim another node took over (it judged it late: a narrow link, a stall) stops its own
-    Hub request for that chunk, its part kept, and takes the chunk from the taker: left to go on, the Hub sent
-    each such chunk twice. Its other requests go on."""
-    registry = MemRegistry("taken")
-    a, b = node("a"), node("b")
-    monkeypatch.setattr(download_module, "time", clock)
-
-    def on_the_wire(received: int) -> ChunkRequest:
-        request = ChunkRequest(
-            FileSource(HttpSource("http://hub.test", "hub"), "http://hub.test/f"), clock.now
-        )
-        request.receiving.attempt = Attempt(received=received, began=clock.now - 5)
-        request.task = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
-        return request
-
-    async def main() -> None:
-        async with members(registry, a, b) as (da, db):
-            swarm = swarm_of(da, a)
-            swarm.refresh()
-            for index in (1, 2):
-                assert await swarm.claim(index, set(), 10.0)
-            swarm.refresh()
-            taken = swarm.claims[1].revision
-            assert await db.claim_chunk(SHA, CHUNK, 1, b.node_id, taken) is not None
-            swarm.refresh()
-            assert swarm.taken_over() == {1}
-            job = _FileJob.__new__(_FileJob)
-            job.swarm, job.landing, job.tasks, job.crashed = swarm, set(), set(), None
-            job._changed = asyncio.Event()
-            job.remote = types.SimpleNamespace(size=SIZE, path="f")  # type: ignore[assignment]
-            first, second = on_the_wire(CHUNK // 2), on_the_wire(CHUNK // 2)
-            job.requests = {1: [first], 2: [second]}
-            assert job._stop_taken_over()
-            assert first.task.cancelled() and not second.task.done()
-            await asyncio.gather(*job.tasks)  # the withdrawal: the taker's claim stands
-            assert swarm.events["stopped_taken_over"] == 1 and 1 not in swarm.mine and 2 in swarm.mine
-            assert da.claims(SHA, CHUNK)[1].node_id == b.node_id
-            job.requests = {2: [second]}
-            assert not job._stop_taken_over() and swarm.events["stopped_taken_over"] == 1
 
     run(main())
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import logging
 import mmap
 import os
@@ -539,7 +538,6 @@ class _FileJob(PaceWatch):
                 await self._start(joining)
                 changed = True
             changed = await self._yield_late_claims() or changed
-            changed = self._stop_taken_over() or changed
             if changed:
                 self._pulse()
             await asyncio.sleep(SWARM_TICK)
@@ -575,29 +573,13 @@ class _FileJob(PaceWatch):
         if not self.swarm.follower:
             log.info("%s: this node lands its chunks from the Hub far slower than the fleet (its own link?): it "
                      "leaves them to the others and takes them from them", self.remote.path)  # fmt: skip
+        # (for the whole transfer: its other files judged their peers slow a moment later, and had the Hub
+        # send them the rest at this node's own pace, an explorer's trial)
         self.swarm.follower, self.swarm.gave_up_at = True, time.monotonic()
+        self.limits.link_bound_at = self.swarm.gave_up_at
         for _ in given_up:
             self.swarm.count("claims_given_up")
         await self.swarm.withdraw(given_up)
-        return True
-
-    def _stop_taken_over(self) -> bool:
-        """This node's Hub requests of chunks another node took over (it judged this node's claims late:
-        a narrow link, a stall, a restart) are stopped, their parts kept: the chunks come from the taker,
-        which fetches them from the Hub too. Left to go on, each sent the Hub a chunk twice (a narrow node's
-        requests all finished after their takeover: the Hub sent 1.4-1.5 times the model, and a claimer
-        stalled for 7 s 1.45 times, explorers' trials). True when some were stopped."""
-        assert self.swarm is not None
-        taken = [(index, request) for index in self.swarm.taken_over()
-                 for request in self.requests.get(index, []) if request.source.kind == "hub"]  # fmt: skip
-        stopped = self._stop_requests(taken) if taken else set()
-        if not stopped:
-            return False
-        log.info("%s: %d chunk%s this node was fetching from the Hub %s taken over by other nodes: %s from them",
-                 self.remote.path, len(stopped), "" if len(stopped) == 1 else "s",
-                 "was" if len(stopped) == 1 else "were", "it comes" if len(stopped) == 1 else "they come")  # fmt: skip
-        for _ in stopped:
-            self.swarm.count("stopped_taken_over")
         return True
 
     async def _join_swarm_later(self, find: Callable[[], Awaitable[SwarmFile | None]]) -> None:
@@ -641,7 +623,7 @@ class _FileJob(PaceWatch):
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
-    def _stop_requests(self, requests: list[tuple[int, ChunkRequest]]) -> set[int]:
+    def _stop_requests(self, requests: list[tuple[int, ChunkRequest]]) -> None:
         stopped = set()
         for index, request in requests:
             if request.task is None or request.task.done() or request.landing:
@@ -662,7 +644,6 @@ class _FileJob(PaceWatch):
             withdrawing.add_done_callback(self.tasks.discard)
         if stopped:
             self._pulse()
-        return stopped
 
     def _landed_from_hub(self) -> dict[int, str]:
         return {index: digest for index, digest in self.partial.done.items() if index in self.from_hub}
@@ -736,12 +717,19 @@ class _FileJob(PaceWatch):
 
     async def _request(self, source: FileSource, index: int, request: ChunkRequest) -> bool:
         """Fetch and land one chunk; False when the worker should stop."""
-        claim = None
+        # A chunk is claimed before it is fetched from the Hub. The endgame's second request for it gives
+        # up on the peer the first one waits for: that peer's claim on it no longer counts (it is taken
+        # over, by one node of the fleet only); another node's claim still does.
         if self.swarm is not None and source.kind == "hub":
-            claim = functools.partial(self._claim, index, request)
-        try:
-            if not await self._fetch_chunk(source, index, request, claim):
+            patience = self._patience()
+            failed = self._failed_for(index, time.monotonic(), patience)
+            failed.update(r.source.source.name for r in self.requests.get(index, []) if r is not request)
+            if not await self.swarm.claim(index, failed, patience):
                 return True  # another node fetches it from the Hub: it comes from there
+            if len(self.requests.get(index, [])) > 1:
+                self.swarm.count("hub_endgame")  # a second copy, racing a peer's
+        try:
+            await self._fetch_chunk(source, index, request)
             if self.swarm is not None and source.kind == "hub":
                 self.swarm.count("hub_chunks")
         except RangeIgnoredError:
@@ -769,21 +757,6 @@ class _FileJob(PaceWatch):
             self._drop(source, error)
         return True
 
-    async def _claim(self, index: int, request: ChunkRequest) -> bool:
-        """Claim chunk ``index`` for this node before ``request`` fetches it from the Hub: True when it may.
-        The endgame's second request for it gives up on the peer the first one waits for: that peer's claim
-        on it no longer counts (it is taken over, by one node of the fleet only); another node's claim still
-        does."""
-        assert self.swarm is not None
-        patience = self._patience()
-        failed = self._failed_for(index, time.monotonic(), patience)
-        failed.update(r.source.source.name for r in self.requests.get(index, []) if r is not request)
-        if not await self.swarm.claim(index, failed, patience):
-            return False
-        if len(self.requests.get(index, [])) > 1:
-            self.swarm.count("hub_endgame")  # a second copy, racing a peer's
-        return True
-
     def _lacks(self, source: FileSource, index: int, request: ChunkRequest) -> None:
         """``source`` said it does not hold chunk ``index`` (asked by ``request``): others may, it keeps the
         rest."""
@@ -792,10 +765,7 @@ class _FileJob(PaceWatch):
         have = self.have.get(source)
         self.have[source] = frozenset(range(self.partial.chunks) if have is None else have) - {index}
 
-    async def _fetch_chunk(self, source: FileSource, index: int, request: ChunkRequest,
-                           claim: Callable[[], Awaitable[bool]] | None = None) -> bool:  # fmt: skip
-        """Fetch chunk ``index`` from ``source`` and land it; False when ``claim`` (asked once the request
-        holds its slots, right before it goes on the wire) says this node may not fetch it."""
+    async def _fetch_chunk(self, source: FileSource, index: int, request: ChunkRequest) -> None:
         offset, length = chunk_span(index, self.remote.size, self.partial.chunk_size)
         # The source slot comes first so that a worker waiting for a busy source holds no buffer slot
         # that another source could use. The source slot ends with the request; the buffer slot only once
@@ -807,18 +777,6 @@ class _FileJob(PaceWatch):
         per_source = contextlib.nullcontext() if self.small else self.limits.source_slot(source.source)
         async with per_source:
             await buffers.acquire()
-            # A swarm's claim is made only now: made before, while the request waited for a slot, it kept
-            # the others from the chunk for nothing (a node on a narrow link, its three files' workers each
-            # claiming, won 8-12 of a model's 18 chunks at the start and fetched 4 at a time: the fleet
-            # waited 40-71 s for what it fetches in 16, an explorer's trial)
-            try:
-                claimed = claim is None or await claim()
-            except BaseException:
-                buffers.release()
-                raise
-            if not claimed:
-                buffers.release()
-                return False
             request.started = time.monotonic()  # on the wire now: the endgame measures from here
             to_peer = source.kind != "hub"
             if to_peer and self.peer_started is None:
@@ -883,7 +841,6 @@ class _FileJob(PaceWatch):
                 # Unmapping 16 MiB of written pages takes ~2 ms (0.23 s of a 2 GiB pull's event loop): on a
                 # thread of its own, not waited for, and never queued ahead of the shared pool's writes.
                 UNMAPPER.submit(_close_mapping, mapping)
-        return True
 
     def _keep_part(self, source: FileSource, index: int, request: ChunkRequest) -> None:
         """Log what ``request`` (stopped) received into chunk ``index``'s pages for the next request, with

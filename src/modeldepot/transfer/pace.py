@@ -124,9 +124,9 @@ class PaceWatch(ChunkChooser, abc.ABC):
         """No longer ask ``source`` for this file."""
 
     @abc.abstractmethod
-    def _stop_requests(self, requests: list[tuple[int, ChunkRequest]]) -> set[int]:
+    def _stop_requests(self, requests: list[tuple[int, ChunkRequest]]) -> None:
         """Stop ``requests`` in flight (chunk, request), their parts kept where they can be (in a swarm,
-        their claims withdrawn); the chunks whose requests were stopped."""
+        their claims withdrawn)."""
 
     async def _watch_pace(self) -> None:
         """Other nodes that send the file slower than ``slow_peer_rate`` all together do not hold the pull to

@@ -565,12 +565,6 @@ class SwarmFile:
         node claims the chunk afresh, and stays when the claim is released."""
         return self._revisions.get(index, 0)
 
-    def taken_over(self) -> set[int]:
-        """This node's claims, unlanded here, that another node has taken over since (it judged them late,
-        or this node failed or silent): their chunks come from that node now."""
-        return {index for index in self.mine - self.landed
-                if (claim := self.claims.get(index)) is not None and claim.node_id != self.node_id}  # fmt: skip
-
     def own_claims_late(self) -> dict[int, float]:
         """This node's unlanded claims that the others are about to judge late (YIELD_SHARE of the time after
         which they take a claim over, at the swarm's typical landing), with when they would take each over:
