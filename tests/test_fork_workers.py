@@ -114,3 +114,36 @@ def test_a_preload_under_way_in_another_thread_as_a_worker_forked_does_not_hang_
     finally:
         preloader._loading.pop(key).set()
         preloader.close()
+
+
+def test_a_worker_that_lets_go_of_an_onnx_session_the_parent_loaded_does_not_hang(
+    depot: Depot, tmp_path: Path
+) -> None:
+    """gunicorn ``--preload``: the master loads its model, then forks. onnxruntime's session, torn down in a
+    child its thread pool did not follow into, waits for ever (its pool's threads had parked in the parent:
+    a second's idling before the fork). The worker's cache let go of it at its first eviction, its
+    ``clear()``, a removal of the repo or its depot's close, and hung (an explorer's trial, with gunicorn
+    killing its workers as timed out). What the parent loaded is kept in the child, never torn down."""
+    from test_load import write_repo
+
+    depot.import_dir(write_repo(tmp_path / "repo"), REPO)
+    parents = id(depot.load(REPO))  # (held by the cache alone: a caller's reference keeps it from teardown)
+    time.sleep(1.5)  # (the session's pool threads wait on their condition variable now)
+
+    def run_once() -> int:
+        import numpy as np
+
+        session = depot.load(REPO)
+        (y,) = session.run(None, {"x": np.ones((1, 4), np.float32)})
+        assert y.shape == (1, 256)
+        return id(session)
+
+    def work(n: int) -> None:
+        assert run_once() == parents  # (the parent's session, and it works here)
+        if n == 0:
+            depot.engines.clear()  # (as an eviction does: the LRU, the TTL, the memory budget)
+            assert run_once() != parents  # (loaded afresh in the child: its own, closed as any other)
+            depot.remove(REPO)
+        depot.close()
+
+    list(fork_children(2, work))

@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import contextvars
 import copy
+import ctypes
 import heapq
 import inspect
 import itertools
@@ -111,6 +112,12 @@ def default_on_evict(key: Hashable, model: Any) -> None:
     """Call the engine's ``close()`` when it has one (sessions, files, pools). The cache calls it only for
     an engine nothing else holds (see the module's docstring)."""
     close_on_evict(key, model)
+
+
+def _keep_for_good(model: object) -> None:
+    """One reference more to ``model`` that nothing ever drops: not even the interpreter's end frees it
+    (a reference kept in a list went as the modules were cleared at exit, and the worker hung there)."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(model))
 
 
 def _references_to(model: object) -> int:
@@ -458,6 +465,8 @@ class LoadedModelCache(Generic[M]):
         # Of those, the ones whose hook found them held (counted in the budget); until then they are in the list
         # of the evicted being let go of, and their bytes are not the cache's any more
         self._held_counted: set[Hashable] = set()
+        # (in a forked child) the ids of the engines the parent had loaded: never closed nor freed here
+        self._from_parent: set[int] = set()
         self._next_sweep = 0.0  # when expired entries are next looked for (at most once a second)
         self._flights: dict[Hashable, _Flight] = {}
         self._flight_ended = threading.Condition(self._lock)  # (a load waiting for room waits on it)
@@ -468,7 +477,12 @@ class LoadedModelCache(Generic[M]):
     def after_fork(self) -> None:
         """In a forked child: the loads the parent's other threads had under way never end here. A load of
         one of them waited for ever for it, and under a memory budget a load of any model waited for the
-        room they held (a worker forked while a warm-up thread loaded: a trial). The loaded engines stay."""
+        room they held (a worker forked while a warm-up thread loaded: a trial). The loaded engines stay, and
+        are never closed nor freed in the child, whatever leaves the cache: a native library may not survive
+        its objects' teardown in a process its threads did not follow into (onnxruntime's session waits for
+        ever on its thread pool's condition variable: every gunicorn ``--preload`` worker that evicted, or
+        closed its depot, hung, an explorer's trial). Their pages are the parent's, shared until written:
+        kept, they cost the child nothing it would have got back."""
         forking = (
             threading.get_ident()
         )  # (the child's one thread: its own load, if it forked in one, goes on)
@@ -477,6 +491,10 @@ class LoadedModelCache(Generic[M]):
         for key, flight in list(self._flights.items()):
             if flight.thread != forking:
                 del self._flights[key]
+        for entry in self._entries.values():
+            if id(entry.model) not in self._from_parent:
+                _keep_for_good(entry.model)
+                self._from_parent.add(id(entry.model))  # (its id is its own for good: it is never freed)
 
     # -- loading ----------------------------------------------------------------------------------------
 
@@ -815,6 +833,10 @@ class LoadedModelCache(Generic[M]):
         """The hook for each evicted entry; the list holds the cache's last references (it is emptied)."""
         while evicted:
             key, model = evicted.pop()
+            if id(model) in self._from_parent:
+                log.debug("%r left the cache of a forked child: the parent's, it is kept, not closed", key)
+                del model
+                continue
             try:
                 # (judged and forgotten at once: a load that took it back meanwhile holds it)
                 with self._lock:
