@@ -742,30 +742,40 @@ def _collect_sessions(store: Store, fresh: float = 0.0, orphans_gone: bool = Fal
     except FileNotFoundError:
         return 0, 0, 0
     for entry in entries:
-        abandoned = WriteSession.is_abandoned(entry, fresh) if entry.is_dir() else True
-        if not abandoned:
-            kept += 1
+        try:
+            gone, stays, frees = _collect_session(store, entry, fresh, orphans_gone)
+        except FileNotFoundError:
+            # A session ends by deleting its folder, then letting go of its lock (store/blobs.py): one that
+            # ends as gc looks reads as abandoned, and goes under it (gc raised a bare FileNotFoundError
+            # beside a loading thread, 18 of 8,308 calls, an explorer's trial)
             continue
-        if entry.is_dir():
-            waiting = give_back_modes(entry)
-            # (a partial linked from elsewhere too, as an adoption's, frees nothing)
-            freed += _allocated(entry)
-            removed += sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
-            if waiting and not orphans_gone and not _recorded_links(store, list(waiting.values())):
-                # A linked file whose blob the writer placed and never committed (killed between the two):
-                # its note of the mode stays, alone, until gc deleted that orphan blob, then gives the mode
-                # back (swept first by the next write, the note went, and the user's files stayed 0444 for
-                # good: a crash fuzzer's trial)
-                for path in entry.iterdir():
-                    if path not in waiting:
-                        store.layout.unlink(path)
-                kept += 1
-                continue
-            store.layout.rmtree(entry)
-        else:
-            freed += _allocated(entry)
-            store.layout.unlink(entry)
+        removed, kept, freed = removed + gone, kept + stays, freed + frees
     return removed, kept, freed
+
+
+def _collect_session(store: Store, entry: Path, fresh: float, orphans_gone: bool) -> tuple[int, int, int]:
+    """:func:`_collect_sessions` for one entry of tmp/."""
+    abandoned = WriteSession.is_abandoned(entry, fresh) if entry.is_dir() else True
+    if not abandoned:
+        return 0, 1, 0
+    if not entry.is_dir():
+        freed = _allocated(entry)
+        store.layout.unlink(entry)
+        return 0, 0, freed
+    waiting = give_back_modes(entry)
+    # (a partial linked from elsewhere too, as an adoption's, frees nothing)
+    freed = _allocated(entry)
+    removed = sum(1 for p in entry.iterdir() if p.name.endswith(".partial"))
+    if waiting and not orphans_gone and not _recorded_links(store, list(waiting.values())):
+        # A linked file whose blob the writer placed and never committed (killed between the two): its note
+        # of the mode stays, alone, until gc deleted that orphan blob, then gives the mode back (swept first
+        # by the next write, the note went, and the user's files stayed 0444 for good: a crash fuzzer's trial)
+        for path in entry.iterdir():
+            if path not in waiting:
+                store.layout.unlink(path)
+        return removed, 1, freed
+    store.layout.rmtree(entry)
+    return removed, 0, freed
 
 
 def _recorded_links(store: Store, inodes: list[tuple[int, int]]) -> bool:
