@@ -147,3 +147,37 @@ def test_a_worker_that_lets_go_of_an_onnx_session_the_parent_loaded_does_not_han
         depot.close()
 
     list(fork_children(2, work))
+
+
+def test_a_worker_forked_while_another_thread_pulled_closes_its_depot_at_once() -> None:
+    """A depot's close waits for the pulls under way on other threads' loops to unwind (10 s at most). In a
+    worker forked while the master's warm-up thread pulled, that pull is the master's, its thread is not
+    in the worker, and the worker's close waited the whole 10 s for it (an explorer's trial)."""
+    import asyncio
+
+    from modeldepot.running import RunningPulls
+
+    pulls = RunningPulls("store")
+    started, release = threading.Event(), threading.Event()
+
+    async def pull() -> None:
+        started.set()
+        await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
+
+    async def main() -> None:
+        await pulls.run(pull())
+
+    warm_up = threading.Thread(target=asyncio.run, args=(main(),))
+    warm_up.start()
+    assert started.wait(10)
+
+    def work(_: int) -> None:
+        began = time.monotonic()
+        pulls.stop()
+        assert time.monotonic() - began < 2.0
+
+    try:
+        list(fork_children(1, work))
+    finally:
+        release.set()
+        warm_up.join(10)

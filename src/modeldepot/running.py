@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from modeldepot.errors import StoreClosedError
+from modeldepot.store.forking import start_over_after_fork
 
 if TYPE_CHECKING:
     import asyncio
@@ -36,6 +37,20 @@ class RunningPulls:
         # each pull's task -> its loop, and an event set once it has ended (waited on from other threads)
         self._running: dict[asyncio.Task[Any], tuple[asyncio.AbstractEventLoop, threading.Event]] = {}
         self._closed = False
+        start_over_after_fork(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the pulls of the parent's other threads are the parent's, their loops' threads
+        are not here, and they never end here: a worker's close waited its whole patience for them (10 s),
+        and called on a loop nothing runs (an explorer's trial). The forking thread's own pull stays."""
+        self._lock = threading.Lock()
+        here = None
+        if self._running:
+            import asyncio
+
+            with contextlib.suppress(RuntimeError):
+                here = asyncio.get_running_loop()
+        self._running = {task: entry for task, entry in self._running.items() if entry[0] is here}
 
     async def run(self, pull: Coroutine[Any, Any, T]) -> T:
         """Await ``pull`` as a task :meth:`stop` can cancel (the caller's own cancellation reaches it too)."""
