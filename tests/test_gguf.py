@@ -242,6 +242,8 @@ def test_a_missing_shard_is_an_error_not_a_partial_model(depot: Depot, split_fol
     # Loaded from a folder directly, the same.
     with pytest.raises(NotFoundError, match=r"tiny-Q8_0-00002-of-00002\.gguf is missing"):
         load_gguf(split_folder / "tiny-Q8_0-00001-of-00002.gguf")
+    with pytest.raises(NotFoundError, match=r"^single\.gguf is missing \(removed"):  # (not "one of 1 shards")
+        load_gguf(split_folder / "single.gguf")
     # A shard of another split (3 files) under the missing one's name: the shards disagree.
     other = split_folder / "other"
     other.mkdir()

@@ -126,6 +126,8 @@ def load_gguf(path: Path) -> GgufModel:
     names = gguf_shard_names(path.name)
     shards = [path.with_name(name) for name in names] if names else [path]
     missing = [shard.name for shard in shards if not shard.exists()]
+    if missing and not names:
+        raise NotFoundError(f"{path.name} is missing (removed from the store while it was being loaded?)")
     if missing:
         raise NotFoundError(
             f"{path.name} is one of {len(shards)} shards of a split GGUF and {', '.join(missing)} "
