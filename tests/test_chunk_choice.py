@@ -126,21 +126,6 @@ def test_holders_all_as_slow_are_not_stuck_before_a_chunk_of_theirs_lands() -> N
     assert holders[0].source.name in alone._failed_for(12, now, alone._patience())
 
 
-def test_a_node_whose_own_link_binds_judges_no_peer_stuck() -> None:
-    """A node that found its own link to bind (it gave its claims up, or a trial found the Hub no faster)
-    has every request to a peer slow: judged stuck by that, the fast nodes' claims were taken over as
-    "failed" and the Hub sent their chunks again at the narrow node's pace (an explorer's trial). The same
-    request is stuck for a node whose link does not bind."""
-    x, b, hub = source(1, "peer"), source(3, "peer"), source(2, "hub")
-    choice = chooser(8, x, b, hub)
-    choice.peer_times.append(0.5)
-    choice.requests = {i: [request(x, 25.0)] for i in range(4)}
-    now = time.monotonic()
-    assert x.source.name in choice._failed_for(0, now, choice._patience())
-    choice._own_link_binds = lambda now: True  # type: ignore[method-assign]
-    assert x.source.name not in choice._failed_for(0, now, choice._patience())
-
-
 def following(chooser_: ChunkChooser, stood_still: float) -> None:
     """``chooser_`` pulls in a swarm as a follower; the claims on the file last moved ``stood_still`` s ago."""
     from modeldepot.transfer.swarm import SwarmFile

@@ -181,3 +181,42 @@ def test_a_worker_forked_while_another_thread_pulled_closes_its_depot_at_once() 
     finally:
         release.set()
         warm_up.join(10)
+
+
+class _Engine:
+    """An engine that says when it is closed or freed, into ``said``."""
+
+    def __init__(self, name: str, said: list[str]) -> None:
+        self.name, self.said = name, said
+
+    def close(self) -> None:
+        self.said.append(f"closed {self.name}")
+
+    def __del__(self) -> None:
+        self.said.append(f"freed {self.name}")
+
+
+def test_the_parents_engines_in_a_worker_are_neither_torn_down_nor_counted_once_they_left() -> None:
+    """What the parent loaded is kept in the child (never closed nor freed: onnxruntime hangs there), also an
+    engine the parent's limits evicted while a caller held it, torn down when the child's caller let go (a
+    review). Once out of the child's cache, a kept engine's bytes count in no budget: counted, as a held
+    engine is, the budget stayed full of it for good and every load evicted every other engine (a review)."""
+    import gc
+
+    said: list[str] = []
+    cache: LoadedModelCache[_Engine] = LoadedModelCache(max_models=4, memory_budget=100)
+    cache.get_or_load("A", lambda: _Engine("A", said), size=60)
+    one: LoadedModelCache[_Engine] = LoadedModelCache(max_models=1)
+    held = [one.get_or_load("held", lambda: _Engine("held", said))]
+    one.get_or_load("other", lambda: _Engine("other", said))  # (the limits evict it, a caller holds it)
+
+    def work(_: int) -> None:
+        cache.get_or_load("B", lambda: _Engine("B", said), size=30)
+        cache.get_or_load("C", lambda: _Engine("C", said), size=30)  # (A, the least used, goes)
+        cache.get_or_load("D", lambda: _Engine("D", said), size=30)
+        assert sorted(cache.keys()) == ["B", "C", "D"], (cache.keys(), said)
+        held.clear()
+        gc.collect()
+        assert not [s for s in said if s.endswith((" A", " held"))], said
+
+    list(fork_children(1, work))

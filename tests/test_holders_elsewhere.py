@@ -232,3 +232,15 @@ def test_a_sending_list_rewritten_while_it_is_read_never_loses_a_line(tmp_path: 
         os.waitpid(writer, 0)
         os.close(fd)
     assert looks > 500 and missed == 0, (looks, missed)
+
+
+def test_a_sending_list_of_a_node_before_the_crc_is_read_at_once(tmp_path: Path) -> None:
+    """A node of the version before the CRC line writes its list bare: read, it is taken after the retries,
+    which are short (a tenth of a second per such node and look, a review)."""
+    folder = tmp_path / "home" / "locks" / "letting-go"
+    folder.mkdir(parents=True)
+    digest = "ab" * 32
+    (folder / "4242").write_text(f"{digest}\n")
+    began = time.monotonic()
+    assert sent_by(folder, [4242]) == {digest: {4242}}
+    assert time.monotonic() - began < 0.05

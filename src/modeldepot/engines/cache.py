@@ -482,7 +482,9 @@ class LoadedModelCache(Generic[M]):
         its objects' teardown in a process its threads did not follow into (onnxruntime's session waits for
         ever on its thread pool's condition variable: every gunicorn ``--preload`` worker that evicted, or
         closed its depot, hung, an explorer's trial). Their pages are the parent's, shared until written:
-        kept, they cost the child nothing it would have got back."""
+        kept, they cost the child nothing it would have got back, and its budget does not count them once
+        they left. (The child's own exit still hangs in onnxruntime's exit handlers, with onnxruntime alone:
+        end such workers with ``os._exit``, or load ONNX models after the fork.)"""
         forking = (
             threading.get_ident()
         )  # (the child's one thread: its own load, if it forked in one, goes on)
@@ -491,10 +493,13 @@ class LoadedModelCache(Generic[M]):
         for key, flight in list(self._flights.items()):
             if flight.thread != forking:
                 del self._flights[key]
-        for entry in self._entries.values():
-            if id(entry.model) not in self._from_parent:
-                _keep_for_good(entry.model)
-                self._from_parent.add(id(entry.model))  # (its id is its own for good: it is never freed)
+        # (those the parent's limits evicted while a caller held them too: that caller's reference is in the
+        # child as well, and its end tore them down, a review)
+        held_out = (ref() for ref, _ in self._held_out.values())
+        for model in [*(entry.model for entry in self._entries.values()), *held_out]:
+            if model is not None and id(model) not in self._from_parent:
+                _keep_for_good(model)
+                self._from_parent.add(id(model))  # (its id is its own for good: it is never freed)
 
     # -- loading ----------------------------------------------------------------------------------------
 
@@ -791,7 +796,9 @@ class LoadedModelCache(Generic[M]):
         # Its bytes count in the budget from now on only when a caller holds it now (or when its hook finds it
         # held): counted at once, every engine an eviction let go of still counted until its hook ran, and the
         # room-making loop, its projection never lower, evicted every idle engine for one load (a review)
-        if _references_to(entry.model) > _ENTRY_REFERENCES:
+        # (the parent's engines in a forked child have a reference more, of their own: not a caller's, and
+        # they cost the child nothing; counted, the budget stayed full of one for good, a review)
+        if _references_to(entry.model) > _ENTRY_REFERENCES + (id(entry.model) in self._from_parent):
             self._held_counted.add(key)
 
     def _enforce_locked(self, keep: Hashable) -> list[tuple[Hashable, M]]:

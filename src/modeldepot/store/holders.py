@@ -319,8 +319,9 @@ SENDING_READS = 20  # reads of a sending list, at most, until one is whole (its 
 def _whole_list(fd: int) -> bytes:
     """The sending list in ``fd`` as one write left it: read again (a moment apart) while the read raced a
     write; after SENDING_READS, every read's lines together (a line torn by a write names no blob; and the
-    list of a node of a version before the CRC, read so, a tenth of a second late)."""
-    reads = []
+    list of a node of a version before the CRC: read so, 20 ms late. Two reads alike are no proof: a writer
+    stalled mid-write showed the same torn list twice, a test's trial)."""
+    reads: list[bytes] = []
     for attempt in range(SENDING_READS):
         data = os.pread(fd, 1 << 20, 0)
         if not data:
@@ -330,7 +331,7 @@ def _whole_list(fd: int) -> bytes:
         if last == b"crc32 %08x" % zlib.crc32(body):
             return body
         reads.append(data)
-        time.sleep(0.0005 * attempt)
+        time.sleep(0.001)
     return b"\n".join(reads)
 
 

@@ -284,16 +284,8 @@ class ChunkChooser:
         failed = self.bad.get(index, set()) | set(self.errors)
         failed.update(s.source.name for s in self.refused if self._refusal_stands(s, index))  # lack it now
         failed.update(s.source.name for s in self.live if self._is_banned(s, now))
-        # (not where this node's own link binds: its requests to every peer are slow, and the Hub would share
-        # that link; a narrow node took the fast nodes' chunks over as "failed" and had the Hub send them
-        # again at its pace, an explorer's trial. A peer that stops answering is dropped all the same)
-        if not self._own_link_binds(now):
-            failed.update(self._stuck(now, patience))
+        failed.update(self._stuck(now, patience))
         return failed
-
-    def _own_link_binds(self, now: float) -> bool:
-        """Whether this node found lately that its own link binds (transfer/pace.py says how)."""
-        return False
 
     def _stuck(self, now: float, patience: float) -> set[str]:
         """The peers with a request outstanding STUCK_FACTOR times the patience, each judged by the others'
