@@ -322,7 +322,7 @@ def _whole_list(fd: int) -> bytes:
     list of a node of a version before the CRC: read so, 20 ms late. Two reads alike are no proof: a writer
     stalled mid-write showed the same torn list twice, a test's trial)."""
     reads: list[bytes] = []
-    for attempt in range(SENDING_READS):
+    for _ in range(SENDING_READS):
         data = os.pread(fd, 1 << 20, 0)
         if not data:
             return data  # (nothing said yet)
