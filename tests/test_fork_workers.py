@@ -172,9 +172,8 @@ def test_a_worker_forked_while_another_thread_pulled_closes_its_depot_at_once() 
     assert started.wait(10)
 
     def work(_: int) -> None:
-        began = time.monotonic()
+        assert not pulls._running  # (nothing of the parent's for its stop to wait on)
         pulls.stop()
-        assert time.monotonic() - began < 2.0
 
     try:
         list(fork_children(1, work))

@@ -497,7 +497,6 @@ def test_a_nodes_404_stands_until_the_chunk_is_claimed_afresh_and_not_after_that
             ChunkChooser.__init__(job, partial, swarm)  # type: ignore[arg-type]
             job.remote = types.SimpleNamespace(size=SIZE, path="f")  # type: ignore[assignment]
             job.refreshing, job.refreshed, job._pulse = set(), {}, lambda: None  # type: ignore[method-assign]
-            job.limits = download_module.Limits()
             job.live, job.have = [holder, hub], {holder: None, hub: None}
 
             def announce() -> None:
