@@ -4,6 +4,7 @@ keep the parent's locks for the child's whole life (an explorer's findings, each
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -221,3 +222,113 @@ def test_the_parents_engines_in_a_worker_are_neither_torn_down_nor_counted_once_
         assert not [s for s in said if s.endswith((" A", " held"))], said
 
     list(fork_children(1, work))
+
+
+_MASTER = """
+import os, sys, threading, time
+from modeldepot import Depot
+
+home, repo = sys.argv[1], sys.argv[2]
+depot = Depot(home, chunk_size=64 * 1024)
+threading.Thread(target=depot.pull, args=(repo,), daemon=True).start()  # (the master's warm-up pull)
+partials = depot.store.partials
+while not (partials.is_pulling(repo) and any(partials.downloading(key) for key in partials.keys_on_disk())):
+    time.sleep(0.01)
+worker = os.fork()
+if worker == 0:
+    time.sleep(120)  # (a worker that never touches the store)
+    os._exit(0)
+print(worker, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_worker_keeps_no_lock_of_the_pull_its_master_ran_once_the_master_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker forked while the master's warm-up thread pulled shared that pull's locks (a flock is the open
+    file's): the master killed, the pull it ran looked alive for the worker's whole life: `rm` refused naming
+    the dead master, a new pull of the file waited, status said downloading (an explorer's trial). The worker
+    lets go of its copies of other threads' locks as it starts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from modeldepot.store.locks import lock_is_held
+    from modeldepot.store.reservations import Reservations
+
+    files = sample_files(seed=24, big=6 << 20)
+    with serving_repo(tmp_path / "up", files, REPO, chunk_size=SMALL_CHUNK) as node:
+        home = tmp_path / "local"
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", node.url)
+        environment = dict(os.environ, MODELDEPOT_MAX_DOWNLOAD_RATE="1MiB/s")
+        master = subprocess.Popen([sys.executable, "-c", _MASTER, str(home), REPO], stdout=subprocess.PIPE,
+                                  env=environment)  # fmt: skip
+        worker = None
+        try:
+            assert master.stdout is not None
+            worker = int(master.stdout.readline())
+            master.kill()
+            master.wait(10)
+            with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+                store = depot.store
+                assert store.partials.keys_on_disk(), "the master's pull had not begun"
+                assert not store.partials.is_pulling(REPO), "the dead master's pull still looks alive"
+                assert not [key for key in store.partials.keys_on_disk() if store.partials.downloading(key)]
+                assert not [p for p in store.layout.tmp.glob("*/.lock") if lock_is_held(p)], "a write session"
+                assert not Reservations(store.layout.lock_path.parent / "reservations", False).elsewhere()
+                depot.pull(REPO)  # (resumes what the master fetched)
+                assert depot.get_file(REPO, "model.safetensors") == files["model.safetensors"]
+                os.kill(worker, 0)  # (the worker lives on through all of it)
+        finally:
+            master.kill()
+            master.wait(10)
+            master.stdout.close()
+            if worker is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGKILL)
+
+
+def test_a_worker_lets_go_of_other_threads_locks_without_touching_the_parents(tmp_path: Path) -> None:
+    """In the child, another thread's lock descriptor is made /dev/null's, not closed (its number, reused,
+    would be closed again by the object that owns it): what such an object does there (its unlock and close)
+    leaves the parent's lock held. The forking thread's own lock is the child's to go on with."""
+    import fcntl
+    import os
+
+    from modeldepot.store.locks import lock_is_held, take_flock, unlock_and_close
+
+    theirs, mine = tmp_path / "theirs.lock", tmp_path / "mine.lock"
+    holding, done = threading.Event(), threading.Event()
+    descriptors: list[int] = []
+
+    def hold() -> None:
+        fd = os.open(theirs, os.O_RDWR | os.O_CREAT)
+        take_flock(fd, fcntl.LOCK_EX)
+        descriptors.append(fd)
+        holding.set()
+        done.wait(30)
+        unlock_and_close(fd)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    own = os.open(mine, os.O_RDWR | os.O_CREAT)
+    take_flock(own, fcntl.LOCK_EX)
+
+    def work(_: int) -> None:
+        null = os.stat(os.devnull)
+        assert os.fstat(descriptors[0]).st_rdev == null.st_rdev, "another thread's lock kept in the child"
+        assert os.fstat(own).st_ino == mine.stat().st_ino, "the forking thread's own lock was taken from it"
+        unlock_and_close(descriptors[0])  # (what the object owning it would do, freed in the child)
+
+    try:
+        list(fork_children(1, work))
+        assert lock_is_held(theirs), "the child let go of the parent's lock"
+    finally:
+        done.set()
+        holder.join(10)
+        unlock_and_close(own)
+    assert not lock_is_held(theirs)

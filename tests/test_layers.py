@@ -72,6 +72,28 @@ def test_store_knows_nothing_of_http() -> None:
         }
 
 
+def flock_calls(path: Path) -> list[int]:
+    """The lines of ``path`` calling ``fcntl.flock`` itself."""
+    return [
+        node.lineno for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "flock"
+        and isinstance(node.func.value, ast.Name) and node.func.value.id == "fcntl"
+    ]  # fmt: skip
+
+
+def test_every_lock_is_taken_through_take_flock(tmp_path: Path) -> None:
+    """One way to take a flock (store/locks.py), so that a forked worker lets go of every lock another thread
+    of its parent held (a plain ``fcntl.flock`` elsewhere would be kept by the worker past the parent's end)."""
+    calls = {
+        str(path.relative_to(PACKAGE)): lines for path in PACKAGE.rglob("*.py")
+        if path != PACKAGE / "store" / "locks.py" and (lines := flock_calls(path))
+    }  # fmt: skip
+    assert calls == {}
+    probe = tmp_path / "probe.py"
+    probe.write_text("import fcntl\nfcntl.flock(0, fcntl.LOCK_EX)\n")
+    assert flock_calls(probe) == [2]
+
+
 def test_the_checker_catches_a_violation(tmp_path: Path) -> None:
     bad = tmp_path / "modeldepot" / "store" / "_layer_probe.py"  # a store module, outside src/
     bad.parent.mkdir(parents=True)

@@ -32,6 +32,7 @@ from modeldepot.hfcache.cache import (
     unlink_quietly,
     within,
 )
+from modeldepot.store.locks import take_flock, unlock_and_close
 from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.store import Store
 from modeldepot.tiers import Tiers
@@ -354,10 +355,10 @@ class _CacheWriter:
             raise StoreError(f"cannot write {journal} in the Hugging Face cache: {error.strerror}") from None
         try:
             # Locked before it is named a journal: a sweep never finds it free while this export runs
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(temporary, journal)
         except OSError as error:
-            os.close(fd)
+            unlock_and_close(fd)
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {journal} in the Hugging Face cache: {error.strerror}") from None
         self.adding.journal, self.adding.journal_fd = journal, fd
@@ -443,7 +444,7 @@ class _CacheWriter:
             unlink_quietly(self.adding.journal)
             self.adding.journal = None
         if self.adding.journal_fd is not None:
-            os.close(self.adding.journal_fd)
+            unlock_and_close(self.adding.journal_fd)
             self.adding.journal_fd = None
 
     def folder(self, relative: str) -> Path:
@@ -508,7 +509,7 @@ class _CacheWriter:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return  # (its export runs)
             _remove_folder(journal.with_suffix(".snap"))
@@ -517,7 +518,7 @@ class _CacheWriter:
             self._take_back_lines(lines)
             unlink_quietly(journal)
         finally:
-            os.close(fd)
+            unlock_and_close(fd)
 
     def _take_back_lines(self, lines: list[str]) -> None:
         """Take back what a killed export's journal names. Its lines are checked as any name read from a cache

@@ -29,7 +29,7 @@ from pathlib import Path
 from modeldepot.errors import CorruptBlobError, StoreError
 from modeldepot.store.confined import named, open_within, opened_folder, write_within
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error, size_text
-from modeldepot.store.locks import lock_is_held, unlock_and_close
+from modeldepot.store.locks import close_keeping_lock, lock_is_held, take_flock, unlock_and_close
 
 __all__ = [
     "UNRECORDED_MODE",
@@ -135,7 +135,7 @@ class PartialBlob:
 
     def _close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            close_keeping_lock(self.fd)  # (a linked file's: its lock, if any, is link_lock's)
             self.fd = -1
 
     def keep_mode(self, source: Path, mode: int) -> None:
@@ -294,11 +294,11 @@ def _lock_new_session(fd: int) -> None:
     unavailable" (a CI run's trial). Tried again for a while; no other holder keeps it."""
     for _ in range(200):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             time.sleep(0.005)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 class WriteSession:

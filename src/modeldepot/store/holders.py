@@ -22,7 +22,7 @@ from pathlib import Path
 
 from modeldepot.errors import StoreError
 from modeldepot.store.confined import folder_within, opened_folder
-from modeldepot.store.locks import lock_is_held
+from modeldepot.store.locks import lock_is_held, take_flock, unlock_and_close
 from modeldepot.validation import redact_credentials
 
 __all__ = [
@@ -201,37 +201,22 @@ def announce_letting_go(folder: Path) -> int | None:
     except (OSError, StoreError):
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # (the process's, whichever thread forks: a child's copy held the lock on past the node's end, and
+        # /proc/locks names the process that took it, so the node's pid, taken later by a notebook, read as a
+        # node's, and what the notebook mapped was evicted: a review)
+        take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, for_the_process=True)
     except OSError:
         os.close(fd)
         return None
-    _ANNOUNCED.add(fd)
     return fd
 
 
 def stop_letting_go(folder: Path, fd: int) -> None:
     """The end of :func:`announce_letting_go`."""
-    _ANNOUNCED.discard(fd)
     with contextlib.suppress(OSError):
         os.unlink(folder / str(os.getpid()))
     with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-# The descriptors of this process's announcements. A forked child closes them: its copy held the lock on past the
-# node's end (a flock is the open file's, and /proc/locks names the process that took it), so the node's pid,
-# taken later by a notebook, read as a node's, and what the notebook mapped was evicted (a review).
-_ANNOUNCED: set[int] = set()
-
-
-def _forget_announcements_in_child() -> None:
-    for fd in _ANNOUNCED:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _ANNOUNCED.clear()
-
-
-os.register_at_fork(after_in_child=_forget_announcements_in_child)
+        unlock_and_close(fd)
 
 
 def processes_letting_go(folder: Path) -> set[int]:

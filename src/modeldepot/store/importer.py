@@ -39,6 +39,7 @@ from modeldepot.openfiles import open_file_limit
 from modeldepot.store.blobs import PartialBlob, WriteSession, file_stamp, written_since
 from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.layout import StoreLayout, os_error
+from modeldepot.store.locks import note_flock, take_flock, unlock_and_close
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.models import ImportResult
 from modeldepot.store.publish import (
@@ -333,7 +334,7 @@ def _linking_alone(fd: int) -> bool:
     the user's files read-only (the second noted the mode the first had set). The second copies it instead
     (what it copies is dropped at publish when the first placed the same bytes)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError:
@@ -432,14 +433,14 @@ def _stage_link(
                 raise OSError(errno.ESTALE, "the name was given to another file meanwhile")
         except FileNotFoundError:
             if fd >= 0:
-                os.close(fd)
+                unlock_and_close(fd)
             partial.discard()
             raise SourceDirectoryError(f"cannot read {source}: it is gone") from None
         except OSError:  # EXDEV, EPERM (protected hard links), EMLINK, ENOTSUP, ELOOP (a link): copy instead
             with contextlib.suppress(OSError):
                 os.unlink(staging, dir_fd=folder)
             if fd >= 0:
-                os.close(fd)
+                unlock_and_close(fd)
             partial.discard()
             return None
     partial.fd = fd
@@ -449,6 +450,7 @@ def _stage_link(
     if session.link_locks < max(64, open_file_limit() // 4):
         with contextlib.suppress(OSError):
             partial.link_lock = os.dup(fd)
+            note_flock(partial.link_lock)
             session.link_locks += 1
     try:
         info = os.fstat(fd)

@@ -39,7 +39,7 @@ from modeldepot.store.confined import folder_within, open_within, opened_folder
 from modeldepot.store.forking import INDEX_GATE, ForkGate
 from modeldepot.store.holders import processes_with_open
 from modeldepot.store.layout import FULL_DISK_ADVICE, REFUSES_WRITES, refuses_writes, writable_mode
-from modeldepot.store.locks import unlock_and_close
+from modeldepot.store.locks import take_flock, unlock_and_close
 
 __all__ = ["SCHEMA_VERSION", "ChangeCounter", "Index", "SpaceReserve", "translate_sqlite_error"]
 
@@ -554,7 +554,7 @@ class Index:
             setup_lock, os.O_RDWR | os.O_CREAT, 0o664, os.path.realpath(setup_lock.parent.parent)
         )
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            take_flock(fd, fcntl.LOCK_EX)
             # Made here, as the umask says (SQLite makes it 0o644 whatever the umask; its -wal and -shm take
             # its mode): a store a group shares (a setgid folder, umask 002) was read-only to every member but
             # the one who made it (an explorer's trial)

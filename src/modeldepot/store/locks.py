@@ -6,6 +6,13 @@ reference it must not see that file deleted by gc or remove. Writers take the lo
 exclusive. ``flock`` locks belong to an open file description, so they also exclude threads of one
 process, and the kernel drops them when a process dies, even by SIGKILL: no stale locks.
 Always taken before an index transaction, never while one is open.
+
+Every ``flock`` of the store is taken through :func:`take_flock` (one way, so that none is missed): a child
+forked while other threads of its parent held locks (a gunicorn worker forked as the master's warm-up thread
+pulled) shares those open file descriptions, and so held the locks on after the parent was killed: `rm`
+refused ("a pull is running", naming the dead pid), a new pull of the file waited, status said
+"downloading", for the worker's whole life (an explorer's trial). The child lets go of its copies of other
+threads' locks at once (:func:`_let_go_in_child`).
 """
 
 from __future__ import annotations
@@ -17,16 +24,20 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from modeldepot.store.confined import open_within
 
 __all__ = [
     "StoreLock",
+    "close_keeping_lock",
     "flock_holder",
     "held_exclusively",
     "lock_is_held",
+    "note_flock",
     "process_state",
+    "take_flock",
     "unlock_and_close",
 ]
 
@@ -36,14 +47,79 @@ log = logging.getLogger(__name__)
 WAIT_SAID, WAIT_SAID_AGAIN = 5.0, 60.0
 
 
+@dataclass(frozen=True)
+class _Taken:
+    thread: int | None  # the thread that took it; None: the process's (every child lets go of it)
+    file: tuple[int, int]  # (st_dev, st_ino) of the file locked: a number reused for another file is not it
+
+
+# The descriptors holding this process's flocks (see the module's docstring). A plain dict: the child reads it
+# with no lock of a thread that may not be there.
+_TAKEN: dict[int, _Taken] = {}
+
+
+def take_flock(fd: int, mode: int, *, for_the_process: bool = False) -> None:
+    """``fcntl.flock(fd, mode)``, noted as this thread's lock (``for_the_process``: the whole process's, for as
+    long as it lives) until :func:`unlock_and_close` or :func:`close_keeping_lock`. A child forked by another
+    thread (any thread, for the process's) lets go of its copy."""
+    noted = fd in _TAKEN
+    note_flock(fd, for_the_process=for_the_process)  # (first: a fork just after the lock sees it noted)
+    try:
+        fcntl.flock(fd, mode)
+    except BaseException:
+        if not noted:
+            _TAKEN.pop(fd, None)
+        raise
+
+
+def note_flock(fd: int, *, for_the_process: bool = False) -> None:
+    """Note ``fd`` as holding a lock of this thread's (a ``dup`` of a descriptor :func:`take_flock` locked)."""
+    info = os.fstat(fd)
+    _TAKEN[fd] = _Taken(None if for_the_process else threading.get_ident(), (info.st_dev, info.st_ino))
+
+
 def unlock_and_close(fd: int) -> None:
     """Close ``fd``, letting go of the ``flock`` it holds first. A child forked while it was held shares its
     open file description, and a close alone leaves the lock to that description until the child exits: a
     worker forked while another thread pulled kept `rm` refused ("a pull is running") for its whole life,
     and one forked during a write waited for ever on the lock its own copy held (a trial)."""
+    _TAKEN.pop(fd, None)
     with contextlib.suppress(OSError):  # (a file system without flock: nothing to let go of)
         fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def close_keeping_lock(fd: int) -> None:
+    """Close ``fd`` whose lock another descriptor of the same open file (its ``dup``) holds on."""
+    _TAKEN.pop(fd, None)
+    os.close(fd)
+
+
+def _let_go_in_child() -> None:
+    """In a forked child: let go of its copies of the locks other threads of the parent held (and of the
+    process's). Not by closing them: the objects that own those numbers are still in the child's memory, and
+    one freed later would close the number again, by then another file's (a socket, a blob read). Each is
+    made a descriptor of /dev/null instead (``dup2``), the parent's lock left to the parent alone."""
+    me = threading.get_ident()
+    theirs = [(fd, taken) for fd, taken in list(_TAKEN.items()) if taken.thread != me]
+    if not theirs:
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        for fd, taken in theirs:
+            _TAKEN.pop(fd, None)
+            with contextlib.suppress(OSError):
+                info = os.fstat(fd)
+                if (info.st_dev, info.st_ino) == taken.file:
+                    os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+os.register_at_fork(after_in_child=_let_go_in_child)
 
 
 @contextmanager
@@ -61,7 +137,7 @@ def held_exclusively(
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        take_flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         unlock_and_close(fd)
@@ -83,7 +159,7 @@ class StoreLock:
         fd = open_within(self.path, os.O_RDWR | os.O_CREAT, 0o664, self._within)
         try:
             try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                take_flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 self._wait(fd, mode)
             yield
@@ -117,7 +193,7 @@ class StoreLock:
         notice = threading.Thread(target=say, name="lock-wait-notice", daemon=True)
         notice.start()
         try:
-            fcntl.flock(fd, mode)
+            take_flock(fd, mode)
         finally:
             done.set()
 
@@ -137,7 +213,7 @@ class StoreLock:
         fd = open_within(self.path, os.O_RDWR | os.O_CREAT, 0o664, self._within)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 yield False
                 return
@@ -158,7 +234,7 @@ def lock_is_held(path: Path | str, folder: int | None = None) -> bool | None:
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:

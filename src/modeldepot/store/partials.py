@@ -78,7 +78,7 @@ from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.confined import named, open_within, opened_folder
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text, writable_mode
-from modeldepot.store.locks import flock_holder, held_exclusively, lock_is_held, unlock_and_close
+from modeldepot.store.locks import flock_holder, held_exclusively, lock_is_held, take_flock, unlock_and_close
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
 
@@ -418,7 +418,7 @@ class PartialFiles:
                 fd = open_within(mark, os.O_RDWR | os.O_CREAT, 0o666, self.layout.real_home)
             except OSError as error:
                 raise os_error(error, "marking a pull as running") from error
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            take_flock(fd, fcntl.LOCK_SH)
             if _still_linked(fd, mark):
                 break
             unlock_and_close(fd)  # (gc removed it between our open and our lock: the next one is made anew)
@@ -761,7 +761,7 @@ class PartialFiles:
             except OSError as error:
                 raise os_error(error, "opening a download's lock") from error
             try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                take_flock(lock_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 os.close(lock_fd)
                 return None
@@ -857,7 +857,7 @@ class PartialFiles:
                     raise
                 continue  # (a link in its place: no download's, left alone)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 running += 1
                 os.close(fd)
@@ -884,7 +884,7 @@ class PartialFiles:
             with contextlib.suppress(OSError):
                 fd = os.open(mark, os.O_RDONLY | _OWN_FILE)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held shared by every pull running)
+                    take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held shared by every pull running)
                     if _still_linked(fd, mark):
                         self.layout.unlink(mark)
                 finally:
@@ -936,7 +936,7 @@ class PartialFiles:
                 raise
             return None  # (a link in its place: no download's, left alone)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not _still_linked(fd, data):
                 return None
             # (``empty``: a one-chunk download is kept whole or not at all, a part of it starts over; judged

@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from modeldepot.errors import StoreError
 from modeldepot.store.confined import folder_within, opened_folder
-from modeldepot.store.locks import StoreLock, unlock_and_close
+from modeldepot.store.locks import StoreLock, take_flock, unlock_and_close
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Reservations:
             fd = os.open(f".{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o664,
                          dir_fd=folder)  # fmt: skip
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # (held before it has its name: never seen unheld)
+                take_flock(fd, fcntl.LOCK_EX)  # (held before it has its name: never seen unheld)
                 reservation = Reservation(fd, self.directory / name, repo_id, self.within)
                 reservation.set(amount)
                 reservation.add_contents(contents or {})
@@ -197,7 +197,7 @@ def _if_held(folder: int, name: str, read: Callable[[int], T]) -> T | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            take_flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return read(fd)
         return None

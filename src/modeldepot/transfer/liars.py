@@ -20,6 +20,7 @@ from pathlib import Path
 
 from modeldepot.errors import StoreError
 from modeldepot.store.confined import open_within, write_within
+from modeldepot.store.locks import take_flock, unlock_and_close
 from modeldepot.transfer.choosing import BANNED_NODES, LIARS
 
 __all__ = ["LIARS_FILE", "recall_liars", "remember_liars"]
@@ -70,13 +71,13 @@ def remember_liars(home: Path, names: Iterable[str], seconds: float) -> None:
                 home / f".{LIARS_FILE}.lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666, within
             )
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                take_flock(lock, fcntl.LOCK_EX)
                 bans = _read(home)
                 for name in names:
                     bans[name] = max(bans.get(name, 0.0), until)
                 kept = dict(sorted(bans.items(), key=lambda item: item[1], reverse=True)[:MAX_REMEMBERED])
                 write_within(home / LIARS_FILE, json.dumps(kept).encode(), within)
             finally:
-                os.close(lock)
+                unlock_and_close(lock)
     except (OSError, StoreError) as error:
         log.debug("the lying nodes are not remembered beside the store: %s", error)
