@@ -55,6 +55,7 @@ class Liar:
         self.authorizations: list[str | None] = []  # the Authorization header of each model info request
         self.refusal: tuple[int, dict[str, str], bytes] | None = None  # the model info's answer instead
         self.moved_to: str | None = None  # a 307 to this URL, for a model info request of another path
+        self.files_moved_to: str | None = None  # a 302 to this URL, for every file's download
         # A file whose resolve answers first a 302 (to itself, marked) with a body of so many bytes
         self.redirect_with_body: tuple[str, int] | None = None
         self.redirect_sent = 0  # bytes of those bodies written before the client let go
@@ -94,6 +95,8 @@ class Liar:
 
     async def _resolve(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path)
+        if self.files_moved_to is not None:
+            return web.Response(status=302, headers={"Location": self.files_moved_to})
         if (
             self.redirect_with_body is not None
             and request.match_info["path"] == self.redirect_with_body[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import LiveNode, write_model_dir
+from conftest import SMALL_CHUNK, LiveNode, write_model_dir
 from liar import REPO as LIAR_REPO
 from liar import Liar
 from modeldepot import Depot, NotFoundError
@@ -350,6 +350,60 @@ def test_a_renamed_repo_is_followed_and_the_token_never_leaves_its_origin(
     finally:
         hub.stop()
         elsewhere.stop()
+
+
+def test_an_upstreams_redirect_never_leads_further_in_than_the_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redirect is the upstream's word: one on this machine leading to a link-local address (a cloud's
+    metadata service) is refused, for a repo's description and for its files, before any request is made
+    there; nothing is written."""
+    hub = Liar()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    metadata = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+    try:
+        hub.moved_to = metadata
+        with Depot(tmp_path / "described") as depot, pytest.raises(UpstreamError) as described:
+            depot.scan_repo(LIAR_REPO)
+        assert "redirected to http://169.254.169.254, on a link-local address" in str(described.value)
+        hub.moved_to, hub.files_moved_to = None, metadata
+        with Depot(tmp_path / "files", chunk_size=SMALL_CHUNK) as depot:
+            with pytest.raises(UpstreamError) as pulled:
+                depot.pull(LIAR_REPO)
+            assert "redirected to http://169.254.169.254" in str(pulled.value), pulled.value
+            assert depot.list_repos() == []
+    finally:
+        hub.stop()
+
+
+@pytest.mark.parametrize(
+    ("upstream", "location", "refused"),
+    [
+        ("https://93.184.215.14/x", "https://151.101.1.1/y", False),  # (the Hub to its CDN)
+        ("https://93.184.215.14/x", "http://127.0.0.1:8980/y", True),
+        ("https://93.184.215.14/x", "http://localhost/y", True),
+        ("https://93.184.215.14/x", "http://10.0.0.5/y", True),
+        ("https://93.184.215.14/x", "http://100.64.1.1/y", True),
+        ("https://93.184.215.14/x", "http://[::ffff:127.0.0.1]/y", True),
+        ("https://93.184.215.14/x", "http://0.0.0.0/y", True),
+        ("http://10.0.0.2/x", "http://10.0.0.5/y", False),
+        ("http://10.0.0.2/x", "https://93.184.215.14/y", False),
+        ("http://10.0.0.2/x", "http://127.0.0.1/y", True),
+        ("http://127.0.0.1:1/x", "http://10.0.0.5/y", False),
+        ("http://127.0.0.1:1/x", "http://127.0.0.1:2/y", False),
+        ("http://127.0.0.1:1/x", "http://169.254.169.254/y", True),
+        ("http://[fe80::1]/x", "http://169.254.169.254/y", False),
+    ],
+)
+def test_where_a_redirect_may_lead(upstream: str, location: str, refused: bool) -> None:
+    from modeldepot.transfer.redirects import RedirectRefused, check_redirect
+
+    if refused:
+        with pytest.raises(RedirectRefused, match="further in than the upstream itself"):
+            check_redirect(upstream, location)
+    else:
+        check_redirect(upstream, location)
 
 
 @pytest.mark.usefixtures("online")

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from modeldepot.counters import PULLS
 from modeldepot.errors import ConfigError
 from modeldepot.store.forking import ForkSafeExecutor
+from modeldepot.transfer.redirects import check_redirect
 
 if TYPE_CHECKING:
     from modeldepot.ratelimit import RateLimit
@@ -288,6 +289,18 @@ def close_idle() -> None:
     _POOL.close_idle()
 
 
+def _redirected(asked: str, url: str, origin: _Origin, location: str, sent: dict[str, str]
+                ) -> tuple[str, dict[str, str]]:  # fmt: skip
+    """Where a redirect of ``url`` (asked first as ``asked``) to ``location`` leads, and the headers to send
+    there: another origin never sees the token, and no redirect leads further in than the upstream asked
+    (transfer/redirects.py)."""
+    location = urljoin(url, location)
+    if _origin(location)[0] != origin:
+        sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+    check_redirect(asked, location)
+    return location, sent
+
+
 def _origin(url: str) -> tuple[_Origin, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -400,7 +413,7 @@ def request(method: str, url: str, headers: Mapping[str, str], timeout: float, l
     on :data:`READERS`."""
     total = timeout if total is None else total
     deadline = time.monotonic() + total
-    sent = dict(headers)
+    sent, asked = dict(headers), url
     for _ in range(redirects + 1):
         origin, target = _origin(url)
         with _connection(origin, timeout, attempt) as use:
@@ -427,10 +440,7 @@ def request(method: str, url: str, headers: Mapping[str, str], timeout: float, l
             use.reusable = not response.will_close and response.isclosed()  # (closed: read to the end)
             location = response.getheader("Location")
             if redirects and response.status in (301, 302, 303, 307, 308) and location:
-                location = urljoin(url, location)
-                if _origin(location)[0] != origin:  # another origin never sees the token
-                    sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
-                url = location
+                url, sent = _redirected(asked, url, origin, location, sent)
                 continue
             return Reply(response.status, response.headers, b"".join(pieces))
     raise http.client.HTTPException(f"more than {redirects} redirects from {url}")
@@ -546,7 +556,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
     caller retries)."""
     want = end - start + 1
     piece = min(want, READ_PIECE) if limit is None else min(limit.piece(), READ_PIECE)
-    sent = {**headers, "Range": f"bytes={start}-{end}"}
+    sent, asked = {**headers, "Range": f"bytes={start}-{end}"}, url
     for _ in range(MAX_REDIRECTS + 1):
         origin, target = _origin(url)
         with _connection(origin, timeout, attempt) as use:
@@ -558,10 +568,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
                 # 2 GB in a second, a security trial; one longer is left, and its connection with it)
                 response.read(1 << 16)
                 use.reusable = not response.will_close and response.length == 0
-                location = urljoin(url, response.getheader("Location", ""))
-                if _origin(location)[0] != origin:  # another origin never sees the token
-                    sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
-                url = location
+                url, sent = _redirected(asked, url, origin, response.getheader("Location", ""), sent)
                 continue
             attempt.activity = time.monotonic()  # (a redirect is no sign of life: its target may be down)
             if response.status == 206 or (response.status == 200 and want == size):
