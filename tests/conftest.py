@@ -394,12 +394,15 @@ class LiveNode(BackgroundServer):
         mirror: bool = False,
         control_token: str | None = None,
         owns_depot: bool = False,
+        public_url: str | None = None,
     ) -> None:
         from modeldepot.server import create_app
         from modeldepot.server.connections import NodeRunner
 
         self.depot, self.owns_depot = depot, owns_depot
-        app = create_app(depot, token, request_deadline, mirror, control_token=control_token)
+        app = create_app(
+            depot, token, request_deadline, mirror, control_token=control_token, public_url=public_url
+        )
         super().__init__(NodeRunner(app), name="live-node")
 
     def stop(self) -> None:

@@ -445,6 +445,9 @@ def test_a_source_url_that_cannot_be_one_is_a_usage_error(
     monkeypatch.setenv("MODELDEPOT_CLUSTER", "")
     code, _, err = run("serve", "--port", "0", "--advertise", "http://h:1", home=fresh)
     assert code == 2 and "--advertise needs a cluster" in err, err
+    for bad in ("ftp://x", "https://proxy.example/models?x=1", "models.example"):
+        code, _, err = run("serve", "--port", "0", "--public-url", bad, home=fresh)
+        assert code == 2 and "--public-url" in err, (bad, err)
     assert not fresh.exists()
 
 

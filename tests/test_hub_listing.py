@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from aiohttp import web
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-from conftest import SMALL_CHUNK, LiveNode, sample_files, write_model_dir
+from conftest import SMALL_CHUNK, ForwardingProxy, LiveNode, sample_files, write_model_dir
 from modeldepot import Depot
 from modeldepot.gitobjects import git_blob_oid, lfs_pointer
 from modeldepot.hub.manifest import keep_listing
@@ -206,6 +207,45 @@ def test_a_host_header_naming_no_host_is_bad_input_where_a_next_link_is_built(no
                     answer += block
             assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
             assert b"Host header" in answer
+
+
+class PrefixProxy(ForwardingProxy):
+    """A reverse proxy mounting a node under ``prefix``, with the Host header of its upstream, as nginx's
+    ``location /models/ { proxy_pass http://127.0.0.1:8980/; }`` does; keeps the paths it forwards."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.upstream, self.forwarded = prefix, "", []
+        super().__init__("prefix-proxy")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert request.path.startswith(self.prefix + "/"), request.path
+        path = request.raw_path[len(self.prefix) :]
+        self.forwarded.append(path.split("?")[0])
+        async with self.session.get(self.upstream + path) as answer:
+            body = await answer.read()
+            kept = {k: v for k, v in answer.headers.items() if k in ("Content-Type", "Link", "X-Total-Count")}
+            return web.Response(status=answer.status, body=body, headers=kept)
+
+
+def test_the_next_pages_link_points_where_clients_reach_the_node(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a reverse proxy (under a prefix, the Host its upstream's, as nginx's proxy_pass sends it), the
+    next page's Link, made of the request, led huggingface_hub past the proxy to the node's own address (over
+    TLS, to http). With a public URL (``serve --public-url``) every page is asked through the proxy."""
+    for name in ("acme/a", "acme/b", "acme/c"):
+        depot.import_dir(write_model_dir(tmp_path / name, {"config.json": b"{}"}), name)
+    monkeypatch.setattr(listing, "LIST_PAGE", 1)
+    proxy = PrefixProxy("/models")
+    node = LiveNode(depot, public_url=f"{proxy.url}/models/")
+    proxy.upstream = node.url
+    try:
+        api = HfApi(endpoint=f"{proxy.url}/models", token=False)
+        assert [model.id for model in api.list_models()] == ["acme/a", "acme/b", "acme/c"]
+        assert proxy.forwarded == ["/api/models"] * 3
+    finally:
+        node.stop()
+        proxy.stop()
 
 
 def test_listed_properties_full_config_card_and_expand(node: LiveNode, catalog: Depot) -> None:

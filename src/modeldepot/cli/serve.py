@@ -261,8 +261,13 @@ def _listenable(host: str, port: int) -> None:
               help="With --max-size below what the store holds: evict without asking (else a node asks on a "
                    "terminal, and without one refuses to start: a mistyped size removed models).")  # fmt: skip
 @cluster_options
-@click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _advertise_url(v),
+@click.option("--advertise", default=None, metavar="URL", callback=lambda c, p, v: _node_url(v),
               help="With --cluster: the URL peers reach this node at (default: http://HOST:PORT; for 0.0.0.0, this machine's name, said when it leads to itself alone).")  # fmt: skip
+@click.option("--public-url", default=None, metavar="URL", envvar="MODELDEPOT_PUBLIC_URL",
+              callback=lambda c, p, v: _node_url(v, "--public-url"),
+              help="Where clients reach this node, behind a reverse proxy (https://models.example.com, or "
+                   "with the prefix it is mounted under): the links of paged listings point there (default: "
+                   "as each request says; $MODELDEPOT_PUBLIC_URL sets it too).")  # fmt: skip
 @home_option_after(lambda kwargs: _ready_to_serve(kwargs), shared=False)
 def serve_command(
     depot: Depot,
@@ -284,6 +289,7 @@ def serve_command(
     cluster: str | None,
     cluster_prefix: str | None,
     advertise: str | None,
+    public_url: str | None,
     repair: bool,
     shutdown_grace: float,
     yes: bool,
@@ -341,7 +347,8 @@ def serve_command(
         limits = dataclasses.replace(limits, max_per_client=max_connections_per_client)
     stopped_by = run_server(depot, host, port, token, log_level, mirror=bool(upstreams), preload_top=preload_top,
                             limits=limits, scrub_interval=scrub_interval, scrub_rate=scrub_rate,
-                            advertise=advertise, repair=repair, shutdown_grace=shutdown_grace)  # fmt: skip
+                            advertise=advertise, repair=repair, shutdown_grace=shutdown_grace,
+                            public_url=public_url)  # fmt: skip
     if stopped_by == signal.SIGHUP:
         # Stopped cleanly all the same, but as a process SIGHUP ends says (128 + 1): a supervisor's reload (a
         # unit's `ExecReload=kill -HUP`) stopped the node with 0, and Restart=on-failure never brought it back
@@ -373,9 +380,10 @@ def _token(value: str | None) -> str | None:
     return value
 
 
-def _advertise_url(value: str | None) -> str | None:
-    """A click callback's check of --advertise: an http(s) URL of a host (InvalidInputError: usage error)."""
-    if value is None:
+def _node_url(value: str | None, option: str = "--advertise") -> str | None:
+    """A click callback's check of ``option`` (--advertise, --public-url): an http(s) URL of a host, without a
+    query (InvalidInputError: usage error)."""
+    if value is None or (option != "--advertise" and not value.strip()):
         return None
     from modeldepot.discovery.base import validate_node_url
 

@@ -25,7 +25,7 @@ from modeldepot.depot import Depot
 from modeldepot.errors import ConfigError, DepotError
 from modeldepot.mirror import Mirror
 from modeldepot.ratelimit import RateLimit
-from modeldepot.server.context import ARRIVED, CONTROL_TOKEN, DEPOT, TOKEN, is_authorized
+from modeldepot.server.context import ARRIVED, CONTROL_TOKEN, DEPOT, PUBLIC_URL, TOKEN, is_authorized
 from modeldepot.server.control_routes import add_control_routes
 from modeldepot.server.dashboard import DASHBOARD_PATHS, add_dashboard_routes
 from modeldepot.server.fleet import FLEET, NodeFleet
@@ -182,6 +182,7 @@ def create_app(
     mirror: bool = False,
     fleet: NodeFleet | None = None,
     control_token: str | None = None,
+    public_url: str | None = None,
 ) -> web.Application:
     """The node over ``depot``. With a ``token`` every route but health needs it; private repos always do.
     Without one, the reads are open and the control routes need ``control_token`` (made here, random, when
@@ -192,6 +193,7 @@ def create_app(
     stream a file body). ``mirror``: what the store lacks is pulled through the depot's source chain
     (its servers, the fleet, then the Hub) while it is served. ``fleet``: the node's place in its fleet
     (health shows its state, ``peers`` its view); whoever serves the app starts and closes it.
+    ``public_url``: where clients reach the node (behind a reverse proxy), for the links its answers hold.
     """
     if token and control_token:
         raise ValueError(
@@ -219,6 +221,7 @@ def create_app(
         app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY)
     app[DEPOT] = depot
     app[TOKEN] = token or ""
+    app[PUBLIC_URL] = (public_url or "").rstrip("/")
     app[CONTROL_TOKEN] = token or control_token or secrets.token_urlsafe(32)
     app[REQUEST_DEADLINE] = request_deadline
     if fleet is not None:

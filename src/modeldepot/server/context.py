@@ -15,7 +15,7 @@ from modeldepot.validation import validate_repo_id
 if TYPE_CHECKING:
     from yarl import URL  # (aiohttp's URL type)
 
-__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "TOKEN", "as_typed", "carries_token", "checked_query",
+__all__ = ["ARRIVED", "CONTROL_TOKEN", "DEPOT", "PUBLIC_URL", "TOKEN", "as_typed", "carries_token", "checked_query",
            "hidden_repo", "is_authorized", "path_matches", "path_repo", "request_url"]  # fmt: skip
 
 DEPOT = web.AppKey("depot", Depot)
@@ -23,6 +23,9 @@ TOKEN = web.AppKey("token", str)  # "" when the node has no token
 # What unlocks the control routes: the node's token when it has one, else a control token made at start
 # (never empty).
 CONTROL_TOKEN = web.AppKey("control_token", str)
+# Where clients reach the node (``serve --public-url``: behind a reverse proxy, its https URL), "" when they
+# reach it as the request says (its Host header, the connection's scheme)
+PUBLIC_URL = web.AppKey("public_url", str)
 # When the request's handling began (time.monotonic()): a wait that must end under a client's timeout counts
 # from there, not from where it is (a mirror's first bytes, after its scan)
 ARRIVED: Any = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "arrived"
@@ -96,8 +99,16 @@ def path_matches(resource: web.AbstractResource, path: str) -> bool:
 
 
 def request_url(request: web.Request) -> URL:
-    """The request's absolute URL (for links to a next page); a Host header that names no host is bad input
-    (a 400), not a failure of the node."""
+    """The request's absolute URL as its client reaches the node (for links to a next page, which clients
+    follow as they are): under the node's public URL when it has one (behind a TLS proxy the request says
+    http, and its Host is often the proxy's upstream, 127.0.0.1:8980: huggingface_hub followed such a link
+    to its own machine), else as the request says. A Host header that names no host is bad input (a 400),
+    not a failure of the node."""
+    public = request.app.get(PUBLIC_URL, "")
+    if public:
+        from yarl import URL
+
+        return URL(public + str(request.rel_url), encoded=True)
     try:
         return request.url
     except ValueError as error:

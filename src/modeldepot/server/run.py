@@ -54,6 +54,7 @@ def run_server(
     advertise: str | None = None,
     repair: bool = False,
     shutdown_grace: float = SHUTDOWN_GRACE,
+    public_url: str | None = None,
 ) -> signal.Signals | None:
     """Serve ``depot`` until SIGINT, SIGTERM or SIGHUP; returns the signal that stopped it (None: Ctrl-C where
     signals are not handled). With ``depot.config.cluster`` the node joins its fleet: it registers at
@@ -72,7 +73,7 @@ def run_server(
                     "the rest (serve a writable store to mirror %s)", depot.store.read_only_reason,
                     depot.config.hub_endpoint)  # fmt: skip
         mirror = False
-    app = create_app(depot, token, mirror=mirror, fleet=fleet)
+    app = create_app(depot, token, mirror=mirror, fleet=fleet, public_url=public_url)
     mode = "token required" if token else "no token: reads open; private repos and control: the control token"
     if mirror:
         upstreams = [*depot.config.servers, *(["the fleet"] if cluster else []), depot.config.hub_endpoint]
