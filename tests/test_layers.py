@@ -72,26 +72,35 @@ def test_store_knows_nothing_of_http() -> None:
         }
 
 
+LOCKING = {"flock", "lockf", "F_SETLK", "F_SETLKW", "F_OFD_SETLK", "F_OFD_SETLKW"}
+
+
 def flock_calls(path: Path) -> list[int]:
-    """The lines of ``path`` calling ``fcntl.flock`` itself."""
-    return [
-        node.lineno for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "flock"
-        and isinstance(node.func.value, ast.Name) and node.func.value.id == "fcntl"
-    ]  # fmt: skip
+    """The lines of ``path`` that lock a file other than through store/locks.py (``fcntl.flock``, ``lockf``, a
+    POSIX or open file description lock, whatever the name ``fcntl`` or its functions go by)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in LOCKING:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module == "fcntl":
+            lines += [node.lineno for alias in node.names if alias.name in LOCKING | {"*"}]
+    return sorted(lines)
 
 
 def test_every_lock_is_taken_through_take_flock(tmp_path: Path) -> None:
-    """One way to take a flock (store/locks.py), so that a forked worker lets go of every lock another thread
-    of its parent held (a plain ``fcntl.flock`` elsewhere would be kept by the worker past the parent's end)."""
+    """One way to take a flock (store/locks.py), so that a forked worker lets go of every lock its parent
+    held (a plain ``fcntl.flock`` elsewhere would be kept by the worker past the parent's end)."""
     calls = {
         str(path.relative_to(PACKAGE)): lines for path in PACKAGE.rglob("*.py")
         if path != PACKAGE / "store" / "locks.py" and (lines := flock_calls(path))
     }  # fmt: skip
     assert calls == {}
     probe = tmp_path / "probe.py"
-    probe.write_text("import fcntl\nfcntl.flock(0, fcntl.LOCK_EX)\n")
-    assert flock_calls(probe) == [2]
+    probe.write_text(
+        "import fcntl\nimport fcntl as f\nfrom fcntl import flock\n"
+        "fcntl.flock(0, fcntl.LOCK_EX)\nf.lockf(0, f.LOCK_EX)\nfcntl.fcntl(0, fcntl.F_OFD_SETLK, b'')\n"
+    )
+    assert flock_calls(probe) == [3, 4, 5, 6]
 
 
 def test_the_checker_catches_a_violation(tmp_path: Path) -> None:

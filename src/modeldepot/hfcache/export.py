@@ -32,7 +32,7 @@ from modeldepot.hfcache.cache import (
     unlink_quietly,
     within,
 )
-from modeldepot.store.locks import take_flock, unlock_and_close
+from modeldepot.store.locks import lock_file, take_flock, unlock_and_close
 from modeldepot.store.models import BlobRecord, FileEntry
 from modeldepot.store.store import Store
 from modeldepot.tiers import Tiers
@@ -349,8 +349,12 @@ class _CacheWriter:
         temporary = self._temporary(self.root)
         journal = temporary.with_suffix(".added")
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644)  # fmt: skip
+            fd = lock_file(
+                os.open,
+                temporary,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )
         except OSError as error:
             raise StoreError(f"cannot write {journal} in the Hugging Face cache: {error.strerror}") from None
         try:
@@ -502,7 +506,7 @@ class _CacheWriter:
         its journal names taken back as :meth:`take_back` does, then the journal (while locked: a later sweep
         finds nothing)."""
         try:  # (not a FIFO, nor a link another member of a shared cache put there: never waited on, nor followed)
-            fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = lock_file(os.open, journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return
         try:
@@ -513,8 +517,12 @@ class _CacheWriter:
             except OSError:
                 return  # (its export runs)
             _remove_folder(journal.with_suffix(".snap"))
-            with os.fdopen(os.dup(fd), "rb") as handle:
-                lines = handle.read(_MAX_JOURNAL_BYTES).decode("utf-8", "replace").split("\n")[:-1]
+            blocks: list[bytes] = []
+            while (got := sum(map(len, blocks))) < _MAX_JOURNAL_BYTES and (
+                block := os.read(fd, min(1 << 20, _MAX_JOURNAL_BYTES - got))
+            ):
+                blocks.append(block)
+            lines = b"".join(blocks).decode("utf-8", "replace").split("\n")[:-1]
             self._take_back_lines(lines)
             unlink_quietly(journal)
         finally:

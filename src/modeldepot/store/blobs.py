@@ -29,7 +29,7 @@ from pathlib import Path
 from modeldepot.errors import CorruptBlobError, StoreError
 from modeldepot.store.confined import named, open_within, opened_folder, write_within
 from modeldepot.store.layout import StoreLayout, fsync_dir, fsync_file, os_error, size_text
-from modeldepot.store.locks import close_keeping_lock, lock_is_held, take_flock, unlock_and_close
+from modeldepot.store.locks import forget_and_close, lock_file, lock_is_held, take_flock, unlock_and_close
 
 __all__ = [
     "UNRECORDED_MODE",
@@ -135,7 +135,7 @@ class PartialBlob:
 
     def _close(self) -> None:
         if self.fd >= 0:
-            close_keeping_lock(self.fd)  # (a linked file's: its lock, if any, is link_lock's)
+            forget_and_close(self.fd)  # (a linked file's: its lock, if any, is link_lock's now)
             self.fd = -1
 
     def keep_mode(self, source: Path, mode: int) -> None:
@@ -319,19 +319,29 @@ class WriteSession:
         self.link_locks = 0  # linked files' locks taken (store/importer.py: at most a share of the fd limit)
         # Locked under a dot-name first, then renamed: gc never sees a session whose lock is not yet held.
         starting = layout.tmp / f".{name}"
+        self._lock_fd = -1
         try:
             # (in tmp/ as opened: a link in its place had the folder and its lock made outside the store before
             # the guard refused, an explorer's trial; store/confined.py)
             with opened_folder(layout.tmp, os.path.realpath(layout.home)) as tmp:
                 os.mkdir(starting.name, dir_fd=tmp)
                 with opened_folder(starting, os.path.realpath(layout.home)) as folder:
-                    self._lock_fd = os.open(self.LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                            0o666, dir_fd=folder)  # fmt: skip
+                    self._lock_fd = lock_file(
+                        os.open,
+                        self.LOCK_NAME,
+                        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o666,
+                        dir_fd=folder,
+                    )
                 _lock_new_session(self._lock_fd)
                 os.rename(starting.name, name, src_dir_fd=tmp, dst_dir_fd=tmp)
         except StoreError:
             raise  # (a link in place of tmp/: said as such, nothing made)
         except OSError as error:
+            if (
+                self._lock_fd >= 0
+            ):  # (its lock goes with it: kept, it was held, unused, for the process's life)
+                unlock_and_close(self._lock_fd)
             layout.rmtree(starting)
             if not error.filename or not os.path.isabs(
                 os.fsdecode(error.filename)

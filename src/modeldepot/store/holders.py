@@ -22,7 +22,7 @@ from pathlib import Path
 
 from modeldepot.errors import StoreError
 from modeldepot.store.confined import folder_within, opened_folder
-from modeldepot.store.locks import lock_is_held, take_flock, unlock_and_close
+from modeldepot.store.locks import forget_and_close, lock_file, lock_is_held, take_flock, unlock_and_close
 from modeldepot.validation import redact_credentials
 
 __all__ = [
@@ -196,17 +196,17 @@ def announce_letting_go(folder: Path) -> int | None:
             # another process's look and removed between this open and its lock, the announcement then unseen)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=opened)
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=opened)  # fmt: skip
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = lock_file(os.open, name, flags, 0o644, dir_fd=opened)
     except (OSError, StoreError):
         return None
     try:
-        # (the process's, whichever thread forks: a child's copy held the lock on past the node's end, and
-        # /proc/locks names the process that took it, so the node's pid, taken later by a notebook, read as a
-        # node's, and what the notebook mapped was evicted: a review)
-        take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, for_the_process=True)
+        # (a forked child lets go of its copy: it held the lock on past the node's end, and /proc/locks names
+        # the process that took it, so the node's pid, taken later by a notebook, read as a node's, and what
+        # the notebook mapped was evicted: a review)
+        take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        os.close(fd)
+        forget_and_close(fd)
         return None
     return fd
 

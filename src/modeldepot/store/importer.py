@@ -39,7 +39,7 @@ from modeldepot.openfiles import open_file_limit
 from modeldepot.store.blobs import PartialBlob, WriteSession, file_stamp, written_since
 from modeldepot.store.budget import BudgetWriter
 from modeldepot.store.layout import StoreLayout, os_error
-from modeldepot.store.locks import note_flock, take_flock, unlock_and_close
+from modeldepot.store.locks import dup_lock, forget_and_close, lock_file, take_flock, unlock_and_close
 from modeldepot.store.maintenance import sweep_dead_sessions
 from modeldepot.store.models import ImportResult
 from modeldepot.store.publish import (
@@ -422,9 +422,9 @@ def _stage_link(
         try:
             # The name itself, never through a symbolic link (a name swapped for a link to another file after
             # the scan must not bring that file in, nor have its mode changed below).
-            fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = lock_file(os.open, source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             if not _linking_alone(fd):
-                os.close(fd)
+                forget_and_close(fd)
                 partial.discard()
                 return None
             os.link(source, staging, dst_dir_fd=folder, follow_symlinks=False)
@@ -449,8 +449,7 @@ def _stage_link(
     # of them); the files beyond are linked without it (two imports of one file then may leave it read-only).
     if session.link_locks < max(64, open_file_limit() // 4):
         with contextlib.suppress(OSError):
-            partial.link_lock = os.dup(fd)
-            note_flock(partial.link_lock)
+            partial.link_lock = dup_lock(fd)
             session.link_locks += 1
     try:
         info = os.fstat(fd)

@@ -39,7 +39,7 @@ from modeldepot.store.confined import folder_within, open_within, opened_folder
 from modeldepot.store.forking import INDEX_GATE, ForkGate
 from modeldepot.store.holders import processes_with_open
 from modeldepot.store.layout import FULL_DISK_ADVICE, REFUSES_WRITES, refuses_writes, writable_mode
-from modeldepot.store.locks import take_flock, unlock_and_close
+from modeldepot.store.locks import lock_file, take_flock, unlock_and_close
 
 __all__ = ["SCHEMA_VERSION", "ChangeCounter", "Index", "SpaceReserve", "translate_sqlite_error"]
 
@@ -550,8 +550,8 @@ class Index:
         # cover it: processes opening a new store together would fail with "database is locked".
         # The switch persists in the file, so it is done once, under a lock, together with migrations.
         # (no link in its place leads out of the store: store/confined.py)
-        fd = open_within(
-            setup_lock, os.O_RDWR | os.O_CREAT, 0o664, os.path.realpath(setup_lock.parent.parent)
+        fd = lock_file(
+            open_within, setup_lock, os.O_RDWR | os.O_CREAT, 0o664, os.path.realpath(setup_lock.parent.parent)
         )
         try:
             take_flock(fd, fcntl.LOCK_EX)

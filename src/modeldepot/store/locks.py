@@ -7,12 +7,12 @@ exclusive. ``flock`` locks belong to an open file description, so they also excl
 process, and the kernel drops them when a process dies, even by SIGKILL: no stale locks.
 Always taken before an index transaction, never while one is open.
 
-Every ``flock`` of the store is taken through :func:`take_flock` (one way, so that none is missed): a child
-forked while other threads of its parent held locks (a gunicorn worker forked as the master's warm-up thread
-pulled) shares those open file descriptions, and so held the locks on after the parent was killed: `rm`
-refused ("a pull is running", naming the dead pid), a new pull of the file waited, status said
-"downloading", for the worker's whole life (an explorer's trial). The child lets go of its copies of other
-threads' locks at once (:func:`_let_go_in_child`).
+Every file this process ``flock``s is opened through :func:`lock_file` and locked through :func:`take_flock`
+(one way, so that none is missed; a test keeps ``fcntl.flock`` out of every other module): a child forked while
+its parent held locks (a gunicorn worker forked as the master's warm-up thread pulled) shares those open file
+descriptions, and so held the locks on after the parent was killed: `rm` refused ("a pull is running", naming
+the dead pid), a new pull of the file waited, status said "downloading", for the worker's whole life (an
+explorer's trial). The child lets go of its copies at once (:func:`_let_go_in_child`).
 """
 
 from __future__ import annotations
@@ -22,20 +22,21 @@ import fcntl
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from modeldepot.store.confined import open_within
 
 __all__ = [
     "StoreLock",
-    "close_keeping_lock",
+    "dup_lock",
     "flock_holder",
+    "forget_and_close",
     "held_exclusively",
+    "lock_file",
     "lock_is_held",
-    "note_flock",
     "process_state",
     "take_flock",
     "unlock_and_close",
@@ -47,35 +48,51 @@ log = logging.getLogger(__name__)
 WAIT_SAID, WAIT_SAID_AGAIN = 5.0, 60.0
 
 
-@dataclass(frozen=True)
-class _Taken:
-    thread: int | None  # the thread that took it; None: the process's (every child lets go of it)
-    file: tuple[int, int]  # (st_dev, st_ino) of the file locked: a number reused for another file is not it
+# The descriptors of this process's lock files, from their opening to their close (see the module's docstring):
+# descriptor -> (st_dev, st_ino) of its file. Noted at the open, not at the lock: one opened, then locked after a
+# fork by another thread, was the child's too. Changed under _NOTING alone, which a fork waits for (reentrant: a
+# descriptor's owner freed by the garbage collector inside an open may close its own).
+_NOTED: dict[int, tuple[int, int]] = {}
+_NOTING = threading.RLock()
 
 
-# The descriptors holding this process's flocks (see the module's docstring). A plain dict: the child reads it
-# with no lock of a thread that may not be there.
-_TAKEN: dict[int, _Taken] = {}
+def lock_file(opener: Callable[..., int], *args: Any, **kwargs: Any) -> int:
+    """The descriptor ``opener(*args, **kwargs)`` opens (``os.open``, ``open_within``) of a file this process
+    will ``flock`` (:func:`take_flock`), noted as such until :func:`unlock_and_close` or
+    :func:`forget_and_close` closes it: a child forked meanwhile lets go of its copy (:func:`_let_go_in_child`)."""
+    with _NOTING:
+        fd = opener(*args, **kwargs)
+        try:
+            _note(fd)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
 
 
-def take_flock(fd: int, mode: int, *, for_the_process: bool = False) -> None:
-    """``fcntl.flock(fd, mode)``, noted as this thread's lock (``for_the_process``: the whole process's, for as
-    long as it lives) until :func:`unlock_and_close` or :func:`close_keeping_lock`. A child forked by another
-    thread (any thread, for the process's) lets go of its copy."""
-    noted = fd in _TAKEN
-    note_flock(fd, for_the_process=for_the_process)  # (first: a fork just after the lock sees it noted)
-    try:
-        fcntl.flock(fd, mode)
-    except BaseException:
-        if not noted:
-            _TAKEN.pop(fd, None)
-        raise
+def dup_lock(fd: int) -> int:
+    """A ``dup`` of the lock file descriptor ``fd`` (sharing its lock), noted as it is."""
+    with _NOTING:
+        copy = os.dup(fd)
+        _NOTED[copy] = _NOTED[fd] if fd in _NOTED else _file_of(copy)
+    return copy
 
 
-def note_flock(fd: int, *, for_the_process: bool = False) -> None:
-    """Note ``fd`` as holding a lock of this thread's (a ``dup`` of a descriptor :func:`take_flock` locked)."""
+def _note(fd: int) -> None:
+    _NOTED[fd] = _file_of(fd)
+
+
+def _file_of(fd: int) -> tuple[int, int]:
     info = os.fstat(fd)
-    _TAKEN[fd] = _Taken(None if for_the_process else threading.get_ident(), (info.st_dev, info.st_ino))
+    return info.st_dev, info.st_ino
+
+
+def take_flock(fd: int, mode: int) -> None:
+    """``fcntl.flock(fd, mode)`` of a descriptor :func:`lock_file` opened (one opened otherwise is noted now)."""
+    if fd not in _NOTED:
+        with _NOTING:
+            _note(fd)
+    fcntl.flock(fd, mode)
 
 
 def unlock_and_close(fd: int) -> None:
@@ -83,43 +100,60 @@ def unlock_and_close(fd: int) -> None:
     open file description, and a close alone leaves the lock to that description until the child exits: a
     worker forked while another thread pulled kept `rm` refused ("a pull is running") for its whole life,
     and one forked during a write waited for ever on the lock its own copy held (a trial)."""
-    _TAKEN.pop(fd, None)
     with contextlib.suppress(OSError):  # (a file system without flock: nothing to let go of)
         fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
+    forget_and_close(fd)
 
 
-def close_keeping_lock(fd: int) -> None:
-    """Close ``fd`` whose lock another descriptor of the same open file (its ``dup``) holds on."""
-    _TAKEN.pop(fd, None)
-    os.close(fd)
+def forget_and_close(fd: int) -> None:
+    """Close ``fd`` without letting go of a lock: one it failed to take, or one a ``dup`` of it holds on (also
+    any descriptor that may have been a lock file's: forgetting one never noted is no harm)."""
+    with _NOTING:
+        _NOTED.pop(fd, None)
+        os.close(fd)
+
+
+def _before_fork() -> None:
+    _NOTING.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _NOTING.release()
 
 
 def _let_go_in_child() -> None:
-    """In a forked child: let go of its copies of the locks other threads of the parent held (and of the
-    process's). Not by closing them: the objects that own those numbers are still in the child's memory, and
-    one freed later would close the number again, by then another file's (a socket, a blob read). Each is
-    made a descriptor of /dev/null instead (``dup2``), the parent's lock left to the parent alone."""
-    me = threading.get_ident()
-    theirs = [(fd, taken) for fd, taken in list(_TAKEN.items()) if taken.thread != me]
-    if not theirs:
+    """In a forked child: let go of its copies of every lock file descriptor of the parent, whichever thread
+    opened it (the thread that took a lock is no owner: a pull's locks are taken and let go of on several
+    threads, its event loop's forks too, and a thread's id is reused at once). Held or not yet: the parent may
+    lock one after the fork. Not by closing them: the objects that own those numbers are still in the child's
+    memory, and one freed later would close the number again, by then another file's (a socket, a blob
+    read). Each is made a descriptor of /dev/null instead (``dup2``), the parent's locks left to the parent
+    alone. A child forked inside a locked block of its own thread goes on without that lock (the parent's,
+    which the child's unlock would have let go of under the parent)."""
+    global _NOTING
+    _NOTING = threading.RLock()
+    noted = dict(_NOTED)
+    _NOTED.clear()
+    if not noted:
         return
     try:
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return
+    except OSError:  # (no /dev/null: a chroot) the read end of a pipe, which nothing writes to, as well
+        null, writer = os.pipe()
+        os.close(writer)
     try:
-        for fd, taken in theirs:
-            _TAKEN.pop(fd, None)
+        for fd, file in noted.items():
             with contextlib.suppress(OSError):
                 info = os.fstat(fd)
-                if (info.st_dev, info.st_ino) == taken.file:
+                if (info.st_dev, info.st_ino) == file:
                     os.dup2(null, fd, inheritable=False)
     finally:
         os.close(null)
 
 
-os.register_at_fork(after_in_child=_let_go_in_child)
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_let_go_in_child
+)
 
 
 @contextmanager
@@ -130,7 +164,7 @@ def held_exclusively(
     ``flock()``ed exclusively for the block, waiting for it. ``or_without``: a lock file that cannot be opened
     (no room, another user's) is done without: the block runs unlocked, as it would without the lock."""
     try:
-        fd = open_within(path, os.O_RDWR | os.O_CREAT, mode, within)
+        fd = lock_file(open_within, path, os.O_RDWR | os.O_CREAT, mode, within)
     except OSError:
         if not or_without:
             raise
@@ -156,7 +190,7 @@ class StoreLock:
         if self.read_only:
             yield
             return
-        fd = open_within(self.path, os.O_RDWR | os.O_CREAT, 0o664, self._within)
+        fd = lock_file(open_within, self.path, os.O_RDWR | os.O_CREAT, 0o664, self._within)
         try:
             try:
                 take_flock(fd, mode | fcntl.LOCK_NB)
@@ -210,7 +244,7 @@ class StoreLock:
         if self.read_only:
             yield False
             return
-        fd = open_within(self.path, os.O_RDWR | os.O_CREAT, 0o664, self._within)
+        fd = lock_file(open_within, self.path, os.O_RDWR | os.O_CREAT, 0o664, self._within)
         try:
             try:
                 take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -226,11 +260,12 @@ def lock_is_held(path: Path | str, folder: int | None = None) -> bool | None:
     """Whether a live process holds a ``flock`` on ``path`` (shared or exclusive); None when there is no
     such file. The kernel drops a dead process's locks, so a held lock means a live holder. ``folder``: the
     descriptor of the folder ``path`` (a name) is in, never opened through a link (store/confined.py)."""
-    flags = os.O_RDONLY | os.O_CLOEXEC  # (flock needs no write access: a read-only mount)
+    # (flock needs no write access: a read-only mount; a FIFO in its place is not waited on)
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
     if folder is not None:
-        flags |= os.O_NOFOLLOW | os.O_NONBLOCK
+        flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags, dir_fd=folder)
+        fd = lock_file(os.open, path, flags, dir_fd=folder)
     except FileNotFoundError:
         return None
     try:

@@ -78,7 +78,15 @@ from modeldepot.store.blobs import PartialBlob, start_writeback
 from modeldepot.store.confined import named, open_within, opened_folder
 from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text, writable_mode
-from modeldepot.store.locks import flock_holder, held_exclusively, lock_is_held, take_flock, unlock_and_close
+from modeldepot.store.locks import (
+    flock_holder,
+    forget_and_close,
+    held_exclusively,
+    lock_file,
+    lock_is_held,
+    take_flock,
+    unlock_and_close,
+)
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.verified import PartialChunkReader
 
@@ -415,7 +423,7 @@ class PartialFiles:
         mark = self._pull_mark(repo_id)
         while True:
             try:
-                fd = open_within(mark, os.O_RDWR | os.O_CREAT, 0o666, self.layout.real_home)
+                fd = lock_file(open_within, mark, os.O_RDWR | os.O_CREAT, 0o666, self.layout.real_home)
             except OSError as error:
                 raise os_error(error, "marking a pull as running") from error
             take_flock(fd, fcntl.LOCK_SH)
@@ -757,13 +765,13 @@ class PartialFiles:
         while True:
             try:
                 # (no link in its place leads out of the store: store/confined.py)
-                lock_fd = open_within(paths.lock, flags | os.O_CREAT, 0o666, self.layout.real_home)
+                lock_fd = lock_file(open_within, paths.lock, flags | os.O_CREAT, 0o666, self.layout.real_home)
             except OSError as error:
                 raise os_error(error, "opening a download's lock") from error
             try:
                 take_flock(lock_fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
-                os.close(lock_fd)
+                forget_and_close(lock_fd)
                 return None
             if _still_linked(lock_fd, paths.lock):
                 if not (paths.one_piece and _placed(lock_fd)):
@@ -849,7 +857,7 @@ class PartialFiles:
             key = log.name[: -len(".log")]
             paths = self._paths(key)
             try:
-                fd = os.open(log, os.O_RDWR | _OWN_FILE)
+                fd = lock_file(os.open, log, os.O_RDWR | _OWN_FILE)
             except FileNotFoundError:
                 continue
             except OSError as error:
@@ -860,7 +868,7 @@ class PartialFiles:
                 take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 running += 1
-                os.close(fd)
+                forget_and_close(fd)
                 continue
             try:
                 newest = max(_mtime(paths.data), _mtime(paths.log))
@@ -882,7 +890,7 @@ class PartialFiles:
                 unlock_and_close(fd)
         for mark in self.root.glob("pull-*.lock"):  # (one per repo ever pulled: an inode each, for good)
             with contextlib.suppress(OSError):
-                fd = os.open(mark, os.O_RDONLY | _OWN_FILE)
+                fd = lock_file(os.open, mark, os.O_RDONLY | _OWN_FILE)
                 try:
                     take_flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held shared by every pull running)
                     if _still_linked(fd, mark):
@@ -928,7 +936,7 @@ class PartialFiles:
         unless ``remove_all``; deleted while this holds its lock, so a claim that opened it meanwhile finds
         it unlinked once it gets the lock, and starts anew. None when already gone."""
         try:
-            fd = os.open(data, os.O_RDONLY | _OWN_FILE)
+            fd = lock_file(os.open, data, os.O_RDONLY | _OWN_FILE)
         except FileNotFoundError:
             return None
         except OSError as error:

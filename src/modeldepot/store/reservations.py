@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from modeldepot.errors import StoreError
 from modeldepot.store.confined import folder_within, opened_folder
-from modeldepot.store.locks import StoreLock, take_flock, unlock_and_close
+from modeldepot.store.locks import StoreLock, lock_file, take_flock, unlock_and_close
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ class Reservations:
         -> size), when the write is a pull's; ``reused``: the blobs it relies on (:meth:`Reservation.add_reused`)."""
         name = f"{self._prefix()}{next(self._names)}"
         with opened_folder(self.directory, self.within, create=True) as folder:
-            fd = os.open(f".{name}", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o664,
-                         dir_fd=folder)  # fmt: skip
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = lock_file(os.open, f".{name}", flags, 0o664, dir_fd=folder)
             try:
                 take_flock(fd, fcntl.LOCK_EX)  # (held before it has its name: never seen unheld)
                 reservation = Reservation(fd, self.directory / name, repo_id, self.within)
@@ -190,7 +190,9 @@ def _if_held(folder: int, name: str, read: Callable[[int], T]) -> T | None:
     """``read(fd)`` of a reservation file (``name`` in ``folder``) while a process holds its lock; None when none
     does (or it is gone, or not a file of its own: a link): a killed process's lock went with it."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+        fd = lock_file(
+            os.open, name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder
+        )
     except OSError:
         return None
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from modeldepot.errors import StoreError
 from modeldepot.store.confined import open_within, write_within
-from modeldepot.store.locks import take_flock, unlock_and_close
+from modeldepot.store.locks import lock_file, take_flock, unlock_and_close
 from modeldepot.transfer.choosing import BANNED_NODES, LIARS
 
 __all__ = ["LIARS_FILE", "recall_liars", "remember_liars"]
@@ -67,8 +67,12 @@ def remember_liars(home: Path, names: Iterable[str], seconds: float) -> None:
         # (one writer at a time, across processes and threads: two pulls banning at once lost a ban, and two
         # threads of one process wrote one temporary file, a review)
         with _REMEMBERING:
-            lock = open_within(
-                home / f".{LIARS_FILE}.lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666, within
+            lock = lock_file(
+                open_within,
+                home / f".{LIARS_FILE}.lock",
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o666,
+                within,
             )
             try:
                 take_flock(lock, fcntl.LOCK_EX)
