@@ -224,8 +224,14 @@ def make_garbage(depot: Depot, rng: random.Random) -> None:
         (session / ".lock").touch()
         for n in range(3):
             (session / f"{n}.partial").write_bytes(rng.randbytes(rng.randint(1, 200_000)))
-    for _ in range(3):
-        depot.store.snapshots.build("org/removed", rng.randbytes(20).hex(), keep)
+    for n in range(3):
+        # (a removal sets its snapshot aside before its rows go: what a killed one leaves is hidden, and a
+        # snapshot an older version's left has a link its blob went from; a whole one of a revision the index
+        # does not know is kept by gc, an older index's, see test_recover_index)
+        commit = rng.randbytes(20).hex()
+        depot.store.snapshots.build("org/removed", commit, [*keep, *([] if n else [("gone.bin", "0" * 64)])])
+        if n:
+            depot.store.snapshots.set_aside("org/removed", commit)
     (layout.quarantine / rng.randbytes(32).hex()).write_bytes(rng.randbytes(50_000))
 
 

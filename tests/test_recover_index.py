@@ -294,3 +294,64 @@ def test_a_process_that_opens_the_store_during_a_recovery_waits_for_it(
     assert started[0].wait(timeout=60) == 0
     with Depot(home) as depot:
         assert depot.has_file("acme/late", "late.json"), "an import done during the recovery was lost"
+
+
+def test_an_older_index_put_back_loses_no_model_to_gc(tmp_path: Path) -> None:
+    """An older copy of the index put back by hand (a backup) knows nothing of the models imported since: gc
+    took their blobs for a killed removal's orphans and deleted them, an imported model gone for good (an
+    explorer's trial). A removal sets its snapshot aside before its rows go, so a whole snapshot of a revision
+    the index does not know is no removal's leftover: gc keeps it with its blobs and says so, and
+    `recover-index` takes it in."""
+    import shutil
+
+    home = tmp_path / "store"
+    first, second = (
+        {"config.json": b'{"a": 1}', "model.bin": os.urandom(200_000)},
+        {"weights.bin": os.urandom(300_000)},
+    )
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "first", first), "acme/first")
+    index = StoreLayout(home).index_path
+    backup = tmp_path / "index-backup.db"
+    shutil.copy(index, backup)
+    with Depot(home) as depot:
+        commit = depot.import_dir(write_model_dir(tmp_path / "second", second), "acme/second").commit_id
+    for stale in (index.with_name(index.name + "-wal"), index.with_name(index.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    shutil.copy(backup, index)
+    with Depot(home) as depot:
+        report = depot.gc()
+        assert report.unknown_revisions == (f"acme/second@{commit}",) and report.blobs_removed == 0
+        assert depot.list_repos()[0].repo_id == "acme/first"
+    result = CliRunner().invoke(cli, ["gc", "--home", str(home)])
+    assert result.exit_code == 0 and "kept 1 revision the index does not know" in result.stderr, result.stderr
+    recover_index(home)
+    with Depot(home) as depot:
+        assert bytes(depot.get_file("acme/second", "weights.bin")) == second["weights.bin"]
+        assert depot.gc().unknown_revisions == ()
+
+
+def test_a_removal_killed_after_its_rows_went_leaves_nothing_gc_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between its commit and the deletion of its files, a removal leaves orphan blobs and its snapshot
+    set aside under a hidden name: gc deletes both (no whole snapshot of an unknown revision is left, which gc
+    would keep as an older index's)."""
+    from modeldepot.store import maintenance
+
+    home = tmp_path / "store"
+    files = {"weights.bin": os.urandom(300_000)}
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "doomed", files), "acme/doomed")
+
+        def killed(*_: object, **__: object) -> None:
+            raise KeyboardInterrupt  # (the process stops here, its rows gone)
+
+        monkeypatch.setattr(maintenance, "_delete_each_blob_file", killed)
+        with pytest.raises(KeyboardInterrupt):
+            depot.remove("acme/doomed")
+        monkeypatch.undo()
+        assert depot.list_repos() == []
+        report = depot.gc()
+        assert report.unknown_revisions == () and report.blobs_removed == 1 and report.snapshots_removed == 1
+        assert not list(depot.store.layout.snapshots.rglob("*"))

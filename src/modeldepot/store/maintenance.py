@@ -2,7 +2,9 @@
 
 Deleting follows one order everywhere: take the store lock exclusively, delete the rows in one
 transaction, COMMIT, then unlink the files. A kill between COMMIT and unlink leaves orphan files that
-no row names (invisible, and the next gc removes them); a kill before COMMIT changes nothing.
+no row names (invisible, and the next gc removes them); a kill before COMMIT changes nothing. A removed
+revision's snapshot is set aside (a hidden name) before its rows go: a whole snapshot of a revision the index
+does not know is then no removal's leftover, and gc keeps it and its blobs (an older index put back).
 """
 
 from __future__ import annotations
@@ -369,16 +371,33 @@ def _remove_revisions(store: Store, revisions: list[tuple[str, str]], kept: froz
             last.update(dict.fromkeys(blobs, place))
         return removed, last, _delete_unreferenced_rows(con, [b for b in last if b not in kept])
 
-    # On a full disk the index takes the room its transaction needs from the store's reserve.
-    removed, last, freed = store.index.write_freeing(doing, delete_rows)
+    # Each snapshot is set aside before the rows go (Snapshots.set_aside: gc keeps a whole snapshot the index
+    # does not know, an older index put back, and a killed removal must leave none)
+    aside: dict[int, Path] = {}
+    try:
+        for place, (repo_id, commit_id) in enumerate(revisions):
+            if (moved := store.snapshots.set_aside(repo_id, commit_id)) is not None:
+                aside[place] = moved
+        # On a full disk the index takes the room its transaction needs from the store's reserve.
+        removed, last, freed = store.index.write_freeing(doing, delete_rows)
+    except BaseException:
+        for place, moved in aside.items():
+            with contextlib.suppress(DepotError, OSError):
+                store.snapshots.put_back(moved, *revisions[place])
+        raise
     problems: list[DepotError] = []
     deleted = _delete_each_blob_file(store, freed, problems)
     results: list[RemoveResult | None] = []
     for place, (repo_id, commit_id) in enumerate(revisions):
         if place not in removed:
+            if place in aside:  # (a snapshot of a revision it did not hold: a leftover, as gc takes them)
+                with contextlib.suppress(DepotError, OSError):
+                    store.snapshots.put_back(aside[place], repo_id, commit_id)
             results.append(None)
             continue
         try:
+            if place in aside:
+                store.layout.rmtree(aside[place])
             store.snapshots.remove(repo_id, commit_id)
         except (
             DepotError
@@ -642,12 +661,19 @@ def gc(store: Store, partials: bool = False) -> GcReport:
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         store.index.write_freeing("collecting garbage", delete_rows)
         known = {r["sha256"] for r in store.index.read("SELECT sha256 FROM blobs WHERE state = 'ok'")}
+        live = {
+            (r["repo_id"], r["commit_id"])
+            for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
+        }
+        unknown = store.snapshots.whole_unknown(live)  # (kept, with their blobs: see whole_unknown)
+        held_by_unknown = set().union(*unknown.values())
         # A file this user may not delete (another user's, a `sudo` pull's) is passed over, and said at the end:
         # gc stopped at the first, every time, and never reached the rest (a trial)
         refused: list[StoreError] = []
         # (a file of the user's one is a link of gets its mode back: an `rm` killed after its commit left
         # them read-only for good, an explorer's trial)
-        orphans = {path: path.name for path in _files_under(store.layout.blobs) if path.name not in known}
+        orphans = {path: path.name for path in _files_under(store.layout.blobs)
+                   if path.name not in known and path.name not in held_by_unknown}  # fmt: skip
         bytes_freed, blobs_removed = _delete_let_go(store, orphans, known, refused)
         partials_removed = kept = resumable = stale = 0
         with _passed_over(refused):
@@ -666,15 +692,12 @@ def gc(store: Store, partials: bool = False) -> GcReport:
             bytes_freed += download_bytes
         quarantined = _files_under(store.layout.quarantine)
         bytes_freed += _delete_quarantined(store, quarantined, known, refused)[0]
-        live = {
-            (r["repo_id"], r["commit_id"])
-            for r in store.index.read("SELECT repo_id, commit_id FROM revisions")
-        }
         with _passed_over(refused):
-            stale = store.snapshots.remove_stale(live)
+            stale = store.snapshots.remove_stale(live | unknown.keys())
     store.index.reserve.refill()  # from the space just freed (if it was released, else when there is room)
     return GcReport(blobs_removed, bytes_freed, partials_removed, stale, kept, resumable,
-                    len(quarantined), tuple(str(error) for error in refused))  # fmt: skip
+                    len(quarantined), tuple(str(error) for error in refused),
+                    tuple(f"{repo_id}@{commit_id}" for repo_id, commit_id in sorted(unknown)))  # fmt: skip
 
 
 def _held_download_keys(store: Store, known: set[str]) -> set[str]:

@@ -161,6 +161,9 @@ class GcReport(_Record):
     # What it could not delete (another user's files: a `sudo` pull's), each said with its owner and the fix;
     # gc went past them
     not_deleted: tuple[str, ...] = ()
+    # Snapshots of revisions the index does not know, each whole (``repo@commit``): kept with their blobs, for
+    # `recover-index` to take in (an older index put back by hand lost them: store/snapshots.py)
+    unknown_revisions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from modeldepot.store.layout import StoreLayout, fsync_dir, os_error
 
-__all__ = ["Snapshots"]
+__all__ = ["REMOVING", "Snapshots"]
+
+REMOVING = ".removing-"  # a snapshot set aside by a removal (then deleted with it; gc deletes a killed one's)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class Snapshots:
@@ -151,10 +156,63 @@ class Snapshots:
                     break
                 folder = folder.parent
 
-    def remove(self, repo_id: str, commit_id: str | None = None) -> None:
-        """Remove one snapshot, or every snapshot of a repo; prune the emptied org folder."""
+    def set_aside(self, repo_id: str, commit_id: str) -> Path | None:
+        """Move a revision's snapshot out of its name (a hidden one: :meth:`remove_stale` takes it) before its
+        rows go: a removal killed between the two leaves the revision, its snapshot rebuilt when read, or a
+        hidden leftover; never a whole snapshot of a revision the index does not know, which gc keeps
+        (:meth:`whole_unknown`). None when it has none."""
+        final = self.path(repo_id, commit_id)
+        aside = final.parent / f"{REMOVING}{commit_id}.{secrets.token_hex(4)}"
+        try:
+            self.layout.rename(final, aside)
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def put_back(self, aside: Path, repo_id: str, commit_id: str) -> None:
+        """Undo :meth:`set_aside` (the rows stayed); one built meanwhile stands."""
+        try:
+            self.layout.rename(aside, self.path(repo_id, commit_id))
+        except OSError:
+            self.layout.rmtree(aside)
+
+    def whole_unknown(self, live: set[tuple[str, str]]) -> dict[tuple[str, str], set[str]]:
+        """The snapshot folders of revisions the index does not know (``live``: those it does) whose every
+        link leads to a blob the store holds, each with those blobs. A removal sets its snapshot aside before
+        its rows go, so these are no removal's leftovers: the index lost revisions it had (an older copy of
+        it put back by hand), and what they hold is kept until ``recover-index`` takes them in (gc took them
+        for orphans and deleted every model imported since the copy: an explorer's trial)."""
+        found: dict[tuple[str, str], set[str]] = {}
+        for repo_id, commit_id in self.present():
+            if (repo_id, commit_id) not in live and _COMMIT.fullmatch(commit_id):
+                blobs = self._whole(self.path(repo_id, commit_id))
+                if blobs:
+                    found[(repo_id, commit_id)] = blobs
+        return found
+
+    def _whole(self, root: Path) -> set[str] | None:
+        """The blobs the links of the snapshot at ``root`` lead to, when each is a link of this store's making
+        to a blob it holds; None when one is not."""
+        blobs: set[str] = set()
+        for folder, _subfolders, names in os.walk(root):  # (links are not followed)
+            for name in names:
+                link = Path(folder, name)
+                try:
+                    sha256 = os.path.basename(os.readlink(link))
+                    if not (_SHA256.fullmatch(sha256) and os.readlink(link) == self.layout.link_target(link, sha256)
+                            and self.layout.blob_path(sha256).is_file()):  # fmt: skip
+                        return None
+                except OSError:
+                    return None
+                blobs.add(sha256)
+        return blobs
+
+    def remove(self, repo_id: str, commit_id: str) -> None:
+        """Remove one snapshot (set aside first, as gc's: :meth:`remove_stale`); prune the emptied folders."""
         repo_dir = self.layout.repo_snapshots(repo_id)
-        self.layout.rmtree(self.path(repo_id, commit_id) if commit_id else repo_dir)
+        aside = self.set_aside(repo_id, commit_id)
+        if aside is not None:
+            self.layout.rmtree(aside)
         for directory in (repo_dir, repo_dir.parent):
             try:
                 self.layout.rmdir(directory)
@@ -183,8 +241,14 @@ class Snapshots:
             for name in _subdirs(org):
                 for commit in _subdirs(name):
                     if (f"{org.name}/{name.name}", commit.name) not in live:
+                        # (set aside first: a gc killed in an rmtree that took a dangling link first left the
+                        # rest whole, then kept as an older index's revision)
+                        gone = commit
+                        if not commit.name.startswith("."):
+                            gone = commit.parent / f"{REMOVING}{commit.name}.{secrets.token_hex(4)}"
+                            self.layout.rename(commit, gone)
                         self.layout.rmtree(
-                            commit
+                            gone
                         )  # a name read from disk: inside by construction, checked anyway
                         removed += 1
                 for directory in (name, org):
