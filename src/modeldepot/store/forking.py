@@ -163,13 +163,36 @@ class ForkGate:
 
 INDEX_GATE = ForkGate()
 
+# Locks of this process's own a fork takes after the gate (``before``), in order, and gives back (``after_in_parent``)
+# or starts over (``after_in_child``): taken before the gate, one held by a thread waiting to enter a transaction
+# would deadlock a fork that waits for another thread's transaction, which waits for that lock
+_HELD_AT_FORK: list[tuple[Callable[[], None], Callable[[], None], Callable[[], None]]] = []
+
+
+def held_at_fork(before: Callable[[], None], after_in_parent: Callable[[], None],
+                 after_in_child: Callable[[], None]) -> None:  # fmt: skip
+    """Have a fork call ``before`` once no thread is inside an index transaction, and one of the others after."""
+    _HELD_AT_FORK.append((before, after_in_parent, after_in_child))
+
+
+def _before() -> None:
+    INDEX_GATE.before_fork()
+    for before, _, _ in _HELD_AT_FORK:
+        before()
+
+
+def _in_parent() -> None:
+    for _, after, _ in reversed(_HELD_AT_FORK):
+        after()
+    INDEX_GATE.after_fork_in_parent()
+
 
 def _in_child() -> None:
     INDEX_GATE.after_fork_in_child()
+    for _, _, after in _HELD_AT_FORK:
+        after()
     for owner in list(_OWNERS):
         owner.after_fork()
 
 
-os.register_at_fork(
-    before=INDEX_GATE.before_fork, after_in_parent=INDEX_GATE.after_fork_in_parent, after_in_child=_in_child
-)
+os.register_at_fork(before=_before, after_in_parent=_in_parent, after_in_child=_in_child)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from modeldepot.store.confined import open_within
+from modeldepot.store.forking import held_at_fork
 
 __all__ = [
     "StoreLock",
@@ -151,9 +152,7 @@ def _let_go_in_child() -> None:
         os.close(null)
 
 
-os.register_at_fork(
-    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_let_go_in_child
-)
+held_at_fork(_before_fork, _after_fork_in_parent, _let_go_in_child)
 
 
 @contextmanager
