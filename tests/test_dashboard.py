@@ -257,6 +257,11 @@ def run_guarded_node(browser: WebDriver, node: LiveNode, local: Depot, proxy: Ho
     assert local.list_repos() == []  # nothing is published before every byte is verified
     wait_for(browser, "the room the pull holds",
              lambda d: re.search(r"\d \w+ held for pulls and imports under way", visible_text(d, "#disk-detail") or ""))  # fmt: skip
+    # Held, it stands still: the row says so (0% and "started 2 min ago" said nothing of frozen peers)
+    still = wait_for(browser, "why the held pull stands still",
+                     lambda d: re.fullmatch(r"no bytes for \d+ s: waiting on its sources.*",
+                                            visible_text(d, "#pulls tbody tr .note") or ""))  # fmt: skip
+    assert int(still[0].split()[3]) >= 5, still[0]
 
     proxy.release()
     wait_for(browser, "the variant downloaded", lambda d: variant_status(d, "q4f16") == "downloaded")
@@ -488,7 +493,9 @@ def test_a_node_that_stops_answering_leaves_its_last_picture_marked_stale(
             browser.get(node.url + "/")
             wait_for(browser, "the stored repo", lambda d: REPO in (visible_text(d, "#repos") or ""))
             wait_for(browser, "the live event stream", lambda d: visible_text(d, "#stream-state") == "live")
-            uptime = wait_for(browser, "the node's uptime", lambda d: visible_text(d, "#store-detail"))
+            # (its first text, "unknown: not read yet", until the first read of the stats answers)
+            uptime = wait_for(browser, "the node's uptime",
+                              lambda d: (text := visible_text(d, "#store-detail") or "").startswith("up ") and text)  # fmt: skip
             assert uptime.startswith("up "), uptime
             assert visible_text(browser, "#node-lost") is None and not is_stale(browser)
         finally:

@@ -275,6 +275,10 @@ class PullJob:
     error: str | None = None  # why it failed
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     cancelling: bool = field(default=False, repr=False)  # DELETE /pulls/{id} asked it to stop
+    # When its bytes last moved, and the file it waits for while another process downloads it: a pull that
+    # stood still showed 0% with no word of why (its peers frozen, an explorer's trial)
+    moved_at: float = field(default=0.0, repr=False)
+    waiting_on: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -290,6 +294,12 @@ class PullJob:
             "finished_at": self.finished_at,
             "result": self.result,
             "error": self.error,
+            "idle_seconds": (
+                round(max(0.0, time.time() - (self.moved_at or self.started_at)), 1)
+                if self.state == "running"
+                else None
+            ),
+            "waiting_on": self.waiting_on if self.state == "running" else None,
         }
 
 
@@ -396,7 +406,10 @@ class PullJobs:
 
     async def _run(self, depot: Depot, key: PullKey, job: PullJob, manifest: Manifest) -> None:
         def progress(update: PullUpdate) -> None:
+            if update.shown != job.bytes_done:
+                job.moved_at = time.time()
             job.bytes_done, job.bytes_total = update.shown, update.total
+            job.waiting_on = update.path if update.waiting else None
 
         try:
             result: PullResult = await depot.pull_async(

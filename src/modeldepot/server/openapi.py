@@ -693,6 +693,15 @@ def _control_components(c: ComponentSchemas) -> None:
                 "finished_at": {"type": ["number", "null"]},
                 "result": {"anyOf": [c.ref(PullResult), {"type": "null"}], "description": "once done"},
                 "error": {"type": ["string", "null"], "description": "why it failed"},
+                "idle_seconds": {
+                    "type": ["number", "null"],
+                    "minimum": 0,
+                    "description": "while running: seconds since its bytes last moved (waiting on its sources)",
+                },
+                "waiting_on": {
+                    "type": ["string", "null"],
+                    "description": "while running: the file another process is downloading, which it waits for",
+                },
             }
         ),
     )

@@ -19,6 +19,7 @@
   const STREAM_SILENCE_MS = 25000; // no byte of the event stream for this long (its heartbeat is every 15 s)
   const READ_TIMEOUT_MS = 10000; // a read still unanswered then: the node is not answering (a machine gone silent)
   const PULLS_SHOWN = 10;
+  const IDLE_SHOWN_S = 5; // seconds without a byte after which a running pull says it waits on its sources
   const FULL_DISK_FREE = 1 << 20; // bytes free under which the node's /health says its disk is full
   const HOW_TO_CONTROL =
     "To control this node, open the address `modeldepot serve` printed when it started (it ends in #token=…), " +
@@ -701,6 +702,16 @@
     return quants.join(", ");
   }
 
+  // Why a running pull stands still, if it does: 0% and "started 2 min ago" said nothing of its sources
+  // (frozen peers, an upstream that stopped sending: an explorer's trial).
+  function runningNote(job) {
+    if (job.waiting_on) return `waiting for another process's download of ${job.waiting_on}`;
+    if (job.idle_seconds >= IDLE_SHOWN_S) {
+      return `no bytes for ${Math.round(job.idle_seconds)} s: waiting on its sources (other nodes, the upstream)`;
+    }
+    return ago(job.started_at);
+  }
+
   function renderPulls() {
     const table = $("pulls");
     const jobs = state.pulls.slice(0, PULLS_SHOWN);
@@ -721,7 +732,7 @@
         updateProgress(row.querySelector(".progress"), job.bytes_done, job.bytes_total);
         const note = row.querySelector(".note");
         note.className = job.error ? "note error-text" : "note muted";
-        setText(note, job.error || (job.result ? `${bytes(job.result.bytes_downloaded)} downloaded` : ago(job.started_at)));
+        setText(note, job.error || (job.result ? `${bytes(job.result.bytes_downloaded)} downloaded` : runningNote(job)));
         const cancel = row.querySelector("button.cancel"); // (a pull asked by mistake ran until the node stopped)
         cancel.hidden = job.state !== "running";
         cancel.dataset.job = job.id;
