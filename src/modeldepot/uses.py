@@ -65,7 +65,9 @@ class UseCounter:
         key = (repo_id, commit_id)
         owners = self._owners.get(key)
         if owners is None or (path is not None and path not in owners):
-            paths = [f.path for f in self.store.files(repo_id, commit_id)]
+            paths = sorted(
+                self.store.file_sizes(repo_id, commit_id)
+            )  # (paths alone: no entry built for each)
             grouping = group_files(paths)
             owners = dict.fromkeys(paths)
             listed: dict[str, list[str]] = {}

@@ -51,6 +51,21 @@ class Snapshots:
             found += len(names)
         return found == expected
 
+    def holds(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> bool:
+        """Whether the snapshot holds a right link for each of these files (others aside): what a pull of part
+        of a commit published. The whole check (:meth:`is_complete`) read every file row of the commit and
+        every link of its folder, on each one-file pull of a mirror: a repo of 2,500 files took 230 s through
+        one, the node's other clients waiting on each (an explorer's trial)."""
+        root = self.path(repo_id, commit_id)
+        for path, sha256 in files:
+            link = self.layout.snapshot_file(root, path)
+            try:
+                if os.readlink(link) != self.layout.link_target(link, sha256):
+                    return False
+            except OSError:
+                return False
+        return True
+
     def build(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> Path:
         """(Re)build a snapshot from (path, sha256) pairs and swap it into place atomically."""
         final = self.path(repo_id, commit_id)

@@ -403,13 +403,21 @@ class Store:
                                         "store meanwhile (an rm as it was read)", in_store=True)  # fmt: skip
         return entries
 
-    def file_sizes(self, repo_id: str, commit_id: str) -> dict[str, int]:
-        """The paths of a commit's files the store holds, and their sizes (what a mirror's pull of one file
-        asks: a pull per file of a 300-file repo spent 7 ms on :meth:`files` each, a profile)."""
-        rows = self.index.read(
-            "SELECT path, size FROM files WHERE repo_id = ? AND commit_id = ?", (repo_id, commit_id)
-        )
-        return {row["path"]: row["size"] for row in rows}
+    def file_sizes(
+        self, repo_id: str, commit_id: str, paths: Collection[str] | None = None
+    ) -> dict[str, int]:
+        """The paths of a commit's files the store holds (of ``paths`` alone, when given), and their sizes (what
+        a mirror's pull of one file asks: a pull per file of a 300-file repo spent 7 ms on :meth:`files` each,
+        a profile; and of a 1,200-file one, the whole commit's rows read for each, an explorer's)."""
+        query = "SELECT path, size FROM files WHERE repo_id = ? AND commit_id = ?"
+        params: tuple[str, ...] = (repo_id, commit_id)
+        if paths is not None and len(paths) <= 400:
+            if not paths:
+                return {}
+            query += f" AND path IN ({', '.join('?' * len(paths))})"
+            params = (*params, *paths)
+        rows = self.index.read(query, params)
+        return {row["path"]: row["size"] for row in rows if paths is None or row["path"] in paths}
 
     def origin(self, repo_id: str) -> tuple[str, bool] | None:
         """Where a repo came from (``import``, a pull's endpoint, ...) and whether it is private; None when the

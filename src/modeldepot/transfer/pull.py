@@ -246,14 +246,18 @@ def _variants_completed(
     """The variants a pull of ``pulling`` alone completes (every other file of theirs is in the store at the
     commit already), and the bytes each holds already: a mirror fetches a repo file by file, and each
     variant shows as downloading, then downloaded, with the file that completes it."""
-    in_store = store.file_sizes(manifest.repo_id, manifest.commit_id)
+    touched = {variant.name: needed for variant in manifest.variants
+               if (needed := {f.path for f in manifest.files_of(variant.name)}) & pulling}  # fmt: skip
+    # (the sizes of those files alone: a mirror pulls a repo file by file)
+    in_store = store.file_sizes(
+        manifest.repo_id, manifest.commit_id, set().union(*touched.values()) - pulling
+    )
     names: list[str] = []
     held: dict[str, int] = {}
-    for variant in manifest.variants:
-        needed = {f.path for f in manifest.files_of(variant.name)}
-        if needed & pulling and needed <= pulling | in_store.keys():
-            names.append(variant.name)
-            held[variant.name] = sum(in_store[path] for path in needed - pulling)
+    for name, needed in touched.items():
+        if needed <= pulling | in_store.keys():
+            names.append(name)
+            held[name] = sum(in_store[path] for path in needed - pulling)
     return names, held
 
 
@@ -398,7 +402,13 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         sources=tuple(sorted(run.used)),
         bytes_by_source=dict(sorted(tracker.by_source.items())),
         swarm=_swarm_counts(run.swarms),
-        snapshot_built=store.snapshot_complete(manifest.repo_id, manifest.commit_id),
+        # (the links of what it published, off the loop: not the whole commit's, see Snapshots.holds)
+        snapshot_built=await asyncio.to_thread(
+            store.snapshots.holds,
+            manifest.repo_id,
+            manifest.commit_id,
+            [(s.path, s.digest.sha256) for s in staged],
+        ),
     )
 
 
