@@ -239,8 +239,9 @@ def _listenable(host: str, port: int) -> None:
     default=None,
     type=click.IntRange(0),
     metavar="N",
-    help="Concurrent connections one client address may hold; more are answered 503 and closed, 0 for no "
-    "cap (default: $MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT, else 256).",
+    help="Concurrent connections one client address may hold; more are answered 503 and closed (counted in "
+    "/metrics: modeldepot_http_connections_dropped_total), 0 for no cap; behind a reverse proxy every client "
+    "has its address: raise it (default: $MODELDEPOT_MAX_CONNECTIONS_PER_CLIENT, else 256).",
 )
 @click.option("--scrub-interval", cls=FromEnvironment, envvar="MODELDEPOT_SCRUB_INTERVAL", default="1d", show_default=True,
               metavar="DURATION", callback=lambda c, p, v: setting(parse_duration, v),

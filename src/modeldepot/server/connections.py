@@ -45,6 +45,7 @@ from aiohttp.web_request import BaseRequest
 from modeldepot.errors import ConfigError
 from modeldepot.openfiles import open_file_limit, raise_open_file_limit
 from modeldepot.server.app import CORS, MAX_HEADER
+from modeldepot.server.metrics import METRICS
 from modeldepot.server.responses import body_bytes_sent, error_response
 
 __all__ = [
@@ -137,21 +138,23 @@ class _Admission:
         self._capped: set[str] = set()  # addresses refused since they last dropped below the cap
         self._full = False
 
-    def admit(self, client: str) -> str | None:
-        """None when ``client`` may open one more connection (it is counted), else why not."""
+    def admit(self, client: str) -> tuple[str, str] | None:
+        """None when ``client`` may open one more connection (it is counted), else why not: the reason's name
+        (as /metrics counts it) and what the client is told."""
         if self.total >= self.max_total:
             if not self._full:
                 self._full = True
                 log.warning("the node holds %d connections, its limit: new connections are refused "
                             "until some close", self.total)  # fmt: skip
-            return "the node is at its connection limit, try again shortly"
+            return "connection_limit", "the node is at its connection limit, try again shortly"
         held = self._open.get(client, 0)
         if self.max_per_client and held >= self.max_per_client:
             if client not in self._capped:
                 self._capped.add(client)
                 log.warning("%s holds %d connections, the cap per client: its further connections are "
-                            "refused until some close", client, held)  # fmt: skip
-            return "too many connections from your address, try again shortly"
+                            "refused until some close (behind a proxy every client has its address: raise "
+                            "--max-connections-per-client)", client, held)  # fmt: skip
+            return "per_client_cap", "too many connections from your address, try again shortly"
         self._open[client] = held + 1
         self.total += 1
         return None
@@ -252,12 +255,13 @@ class NodeAccessLogger(AbstractAccessLogger):
 class NodeRequestHandler(RequestHandler):
     """aiohttp's protocol for one connection, plus the caps, the header timeout and one-line parse errors."""
 
-    __slots__ = ("_admission", "_client", "_head_timer", "_header_timeout", "_malformed", "_send_timeout",
-                 "_timer_loop", "streaming_events")  # fmt: skip
+    __slots__ = ("_admission", "_client", "_dropped", "_head_timer", "_header_timeout", "_malformed",
+                 "_send_timeout", "_timer_loop", "streaming_events")  # fmt: skip
 
     def __init__(self, manager: NodeServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._admission = manager.admission
+        self._dropped = manager.on_dropped
         self._header_timeout = manager.limits.header_timeout
         self._send_timeout = manager.limits.send_timeout
         self._timer_loop = loop
@@ -273,7 +277,8 @@ class NodeRequestHandler(RequestHandler):
         if refused is not None:
             # aiohttp never sees this connection: no parser runs, no task starts, nothing is read.
             assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_refusal(refused))
+            self._dropped(refused[0])
+            transport.write(_refusal(refused[1]))
             transport.close()
             return
         self._client = client
@@ -326,6 +331,7 @@ class NodeRequestHandler(RequestHandler):
         if self.transport is not None:
             log.debug("closing the connection from %s: no request head within %g s", self._client,
                       self._header_timeout)  # fmt: skip
+            self._dropped("header_timeout")
             self.force_close()
 
     async def finish_response(
@@ -398,6 +404,9 @@ class NodeServer(web.Server):
         )
         self.limits = limits
         self.cut_at_stop = 0  # answers still going when a stop's grace ended (cut then)
+        # Told of each connection turned away or closed before a request reached the app, by reason (the
+        # app's metrics: NodeRunner)
+        self.on_dropped: Callable[[str], None] = lambda reason: None
         max_total = limits.max_total or total_connection_cap(open_file_limit())
         self.admission = _Admission(limits.max_per_client, max_total)
         self._handler_loop = loop or asyncio.get_running_loop()
@@ -461,7 +470,7 @@ class NodeRunner(web.AppRunner):
         # runner's, the app's handler_args, debug, access log class); NodeServer takes the same, and only
         # builds another kind of handler.
         plain = await super()._make_server()
-        return NodeServer(
+        server = NodeServer(
             plain.request_handler,
             limits=self.limits,
             request_factory=plain.request_factory,
@@ -469,3 +478,7 @@ class NodeRunner(web.AppRunner):
             loop=asyncio.get_running_loop(),
             **plain._kwargs,
         )
+        metrics = self.app.get(METRICS)
+        if metrics is not None:
+            server.on_dropped = metrics.http.count_dropped
+        return server

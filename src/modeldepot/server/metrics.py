@@ -10,7 +10,9 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
   is for whatever the method (``/api/depot/v1/blobs/{sha256}``, never the path asked for; a 405 or a
   preflight too; a path no route matches is ``route="unmatched"``) and status; ``modeldepot_http_answers_cut_total{route}``
   — answers the node cut short after their headers (a blob found corrupt mid-send, a mirror's failed upstream
-  transfer: their status said 200 or 206); ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
+  transfer: their status said 200 or 206); ``modeldepot_http_connections_dropped_total{reason}`` — connections
+  turned away (``per_client_cap``, ``connection_limit``: the canned 503s) or closed without a request head
+  (``header_timeout``), counted by ``connections.py``, which no request of reaches the app; ``modeldepot_http_sent_bytes_total`` — response body bytes handed to
   the connection, streams included: whatever goes through the response's writer, and the pieces a
   :class:`BlobResponse` sends by sendfile (around the writer), each counted as it goes;
   ``modeldepot_http_response_wait_seconds{route}`` — a histogram of the time from the request's arrival to its
@@ -91,6 +93,7 @@ class HttpCounters:
         self._lock = threading.Lock()
         self._requests: dict[tuple[str, int], int] = {}
         self._cut: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
         self._sent = 0
         # route -> (count in each bucket of WAIT_BUCKETS and one past the last, sum of seconds)
         self._waits: dict[str, tuple[list[int], float]] = {}
@@ -116,6 +119,15 @@ class HttpCounters:
     def cut_answers(self) -> dict[str, int]:
         with self._lock:
             return dict(self._cut)
+
+    def count_dropped(self, reason: str) -> None:
+        """A connection the node turned away or closed before any request of it reached the app."""
+        with self._lock:
+            self._dropped[reason] = self._dropped.get(reason, 0) + 1
+
+    def dropped(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._dropped)
 
     def add_sent(self, amount: int) -> None:
         if amount > 0:
@@ -262,6 +274,19 @@ class NodeCollector(Collector):
             cut.add_metric([route], count)
         yield cut
 
+        dropped = CounterMetricFamily(
+            "modeldepot_http_connections_dropped",
+            "Connections the node turned away with a 503 before any request reached it (per_client_cap: the "
+            "client's address held --max-connections-per-client; connection_limit: the node held its total), "
+            "or closed for want of a request head in --header-timeout (header_timeout). None of them is in "
+            "http_requests: alert on this too (every client behind one proxy shares its address).",
+            labels=["reason"],
+        )
+        dropped_by = self._http.dropped()
+        for reason in DROP_REASONS:
+            dropped.add_metric([reason], dropped_by.get(reason, 0))
+        yield dropped
+
         waits = HistogramMetricFamily(
             "modeldepot_http_response_wait_seconds",
             "Time from a request's arrival to its answer's headers (time to first byte; a body's transfer "
@@ -289,6 +314,7 @@ class NodeMetrics:
 
 
 METRICS = web.AppKey("metrics", NodeMetrics)
+DROP_REASONS = ("per_client_cap", "connection_limit", "header_timeout")
 
 
 def route_label(request: web.Request) -> str:
