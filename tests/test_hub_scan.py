@@ -377,6 +377,61 @@ def test_an_upstreams_redirect_never_leads_further_in_than_the_upstream(
         hub.stop()
 
 
+def test_a_whole_file_streamed_follows_no_redirect_further_in() -> None:
+    """A server that ignores ranges has the file streamed whole, through aiohttp, which followed redirects on
+    its own, unchecked (review 40): they are followed and checked as the ranged reads' are."""
+    import asyncio
+    import http.server
+    import threading
+
+    import aiohttp
+
+    from modeldepot.transfer.sources import HttpSource
+
+    class Redirecting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    async def stream() -> None:
+        async def sink(_: memoryview) -> None:
+            raise AssertionError("no byte may come")
+
+        async with aiohttp.ClientSession() as session:
+            await HttpSource(base).stream_whole(session, f"{base}/acme/m/resolve/main/w.bin", 10, sink)
+
+    try:
+        with pytest.raises(
+            UpstreamError, match=r"redirected to http://169\.254\.169\.254, on a link-local address"
+        ):
+            asyncio.run(stream())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_redirected_connection_is_judged_by_the_address_it_reached() -> None:
+    """A name checked as public may resolve to this machine when connected to (a rebinding name), or not at all
+    at the check: the address the connection reached is judged too (review 40)."""
+    from modeldepot.transfer.redirects import RedirectRefused, check_peer
+
+    with pytest.raises(RedirectRefused, match=r"which led to 127\.0\.0\.1, on this machine"):
+        check_peer("https://93.184.215.14/x", "https://cdn.example/y", "127.0.0.1")
+    with pytest.raises(RedirectRefused, match="on a link-local address"):
+        check_peer("http://127.0.0.1:1/x", "http://meta.example/y", "::ffff:169.254.169.254")
+    check_peer("https://93.184.215.14/x", "https://cdn.example/y", "151.101.1.1")
+    check_peer("http://127.0.0.1:1/x", "http://127.0.0.1:2/y", "127.0.0.1")
+
+
 @pytest.mark.parametrize(
     ("upstream", "location", "refused"),
     [
@@ -394,6 +449,8 @@ def test_an_upstreams_redirect_never_leads_further_in_than_the_upstream(
         ("http://127.0.0.1:1/x", "http://127.0.0.1:2/y", False),
         ("http://127.0.0.1:1/x", "http://169.254.169.254/y", True),
         ("http://[fe80::1]/x", "http://169.254.169.254/y", False),
+        ("http://10.0.0.2/x", "http://100.100.100.200/y", True),  # (clouds' metadata outside 169.254/16)
+        ("http://127.0.0.1:1/x", "http://[fd00:ec2::254]/y", True),
     ],
 )
 def test_where_a_redirect_may_lead(upstream: str, location: str, refused: bool) -> None:

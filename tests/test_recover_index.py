@@ -355,3 +355,28 @@ def test_a_removal_killed_after_its_rows_went_leaves_nothing_gc_keeps(
         report = depot.gc()
         assert report.unknown_revisions == () and report.blobs_removed == 1 and report.snapshots_removed == 1
         assert not list(depot.store.layout.snapshots.rglob("*"))
+
+
+def test_a_removal_interrupted_just_after_its_commit_leaves_no_snapshot_gc_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C (or the CLI's SIGTERM) just after a removal's commit put its snapshot back, whole, for a revision
+    gone: gc kept it, and its blobs, with a false warning of an older index, for good (review 40). Put back
+    only where the rows stayed."""
+    home = tmp_path / "store"
+    with Depot(home) as depot:
+        depot.import_dir(
+            write_model_dir(tmp_path / "doomed", {"weights.bin": os.urandom(300_000)}), "acme/doomed"
+        )
+        committed = depot.store.index.write_freeing
+
+        def interrupted(*args: object, **kwargs: object) -> object:
+            committed(*args, **kwargs)  # type: ignore[arg-type]
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(depot.store.index, "write_freeing", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            depot.remove("acme/doomed")
+        monkeypatch.undo()
+        report = depot.gc()
+        assert report.unknown_revisions == () and report.blobs_removed == 1

@@ -308,6 +308,13 @@ def test_a_connection_closed_for_want_of_a_request_head_is_counted(
     with connect(node.port) as silent:
         assert read_until_closed(silent) == b""  # closed, nothing said
     assert dropped(node.port) == {"per_client_cap": 0, "connection_limit": 0, "header_timeout": 1}
+    with connect(
+        node.port
+    ) as served:  # (one served, then kept alive and left idle: no dropped one, review 40)
+        served.sendall(KEEP_ALIVE_HEALTH)
+        assert read_response(served)[0] == 200
+        read_until_closed(served)
+    assert dropped(node.port)["header_timeout"] == 1
 
 
 def test_total_cap_follows_the_open_file_limit(serve_node: Callable[[ConnectionLimits], HygieneNode]) -> None:

@@ -255,13 +255,14 @@ class NodeAccessLogger(AbstractAccessLogger):
 class NodeRequestHandler(RequestHandler):
     """aiohttp's protocol for one connection, plus the caps, the header timeout and one-line parse errors."""
 
-    __slots__ = ("_admission", "_client", "_dropped", "_head_timer", "_header_timeout", "_malformed",
+    __slots__ = ("_admission", "_asked", "_client", "_dropped", "_head_timer", "_header_timeout", "_malformed",
                  "_send_timeout", "_timer_loop", "streaming_events")  # fmt: skip
 
     def __init__(self, manager: NodeServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._admission = manager.admission
         self._dropped = manager.on_dropped
+        self._asked = False  # a request head came on it (a kept-alive one left idle is no dropped connection)
         self._header_timeout = manager.limits.header_timeout
         self._send_timeout = manager.limits.send_timeout
         self._timer_loop = loop
@@ -319,6 +320,7 @@ class NodeRequestHandler(RequestHandler):
 
     def head_received(self) -> None:
         """A complete request head arrived (NodeServer's request factory says so): no clock runs."""
+        self._asked = True
         self._stop_head_timer()
 
     def _stop_head_timer(self) -> None:
@@ -331,7 +333,8 @@ class NodeRequestHandler(RequestHandler):
         if self.transport is not None:
             log.debug("closing the connection from %s: no request head within %g s", self._client,
                       self._header_timeout)  # fmt: skip
-            self._dropped("header_timeout")
+            if not self._asked:  # (not one served, then kept alive and left idle: review 40)
+                self._dropped("header_timeout")
             self.force_close()
 
     async def finish_response(

@@ -114,12 +114,21 @@ def forget_and_close(fd: int) -> None:
         os.close(fd)
 
 
+# Seconds a fork waits for a lock file's opening to be noted: a garbage collection inside one may run a store's
+# finalizer, whose index write waits at the fork gate this fork holds (review 40): then the fork goes on
+# without the note, as before the notes (a descriptor opened in that instant may stay the child's too)
+NOTE_WAIT = 2.0
+_held_for_fork = threading.local()
+
+
 def _before_fork() -> None:
-    _NOTING.acquire()
+    _held_for_fork.held = _NOTING.acquire(timeout=NOTE_WAIT)
 
 
 def _after_fork_in_parent() -> None:
-    _NOTING.release()
+    if getattr(_held_for_fork, "held", False):
+        _held_for_fork.held = False
+        _NOTING.release()
 
 
 def _let_go_in_child() -> None:

@@ -36,7 +36,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from modeldepot.counters import PULLS
 from modeldepot.errors import ConfigError
 from modeldepot.store.forking import ForkSafeExecutor
-from modeldepot.transfer.redirects import check_redirect
+from modeldepot.transfer.redirects import check_peer, check_redirect
 
 if TYPE_CHECKING:
     from modeldepot.ratelimit import RateLimit
@@ -358,7 +358,11 @@ def _netloc(host: str, port: int) -> str:
 
 
 @contextlib.contextmanager
-def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_InUse]:
+def _connection(origin: _Origin, timeout: float, attempt: Attempt,
+                redirected_from: str | None = None) -> Iterator[_InUse]:  # fmt: skip
+    """A connection to ``origin`` (kept alive, or made). ``redirected_from``: the upstream asked first, which
+    redirected here: the address connected to may not lie further in than it (its name, checked before,
+    may resolve otherwise now: review 40)."""
     route = (origin, proxy_for(*origin))
     connection = _POOL.take(route, timeout)
     with attempt.lock:
@@ -374,6 +378,9 @@ def _connection(origin: _Origin, timeout: float, attempt: Attempt) -> Iterator[_
             with attempt.lock:
                 if attempt.aborted:
                     raise ConnectionAbortedError("the request was abandoned")
+        if redirected_from is not None and route[1] is None and connection.sock is not None:
+            check_peer(redirected_from, f"{origin[0]}://{_netloc(origin[1], origin[2])}",
+                       str(connection.sock.getpeername()[0]))  # fmt: skip
         yield use
     finally:
         with attempt.lock:
@@ -416,7 +423,7 @@ def request(method: str, url: str, headers: Mapping[str, str], timeout: float, l
     sent, asked = dict(headers), url
     for _ in range(redirects + 1):
         origin, target = _origin(url)
-        with _connection(origin, timeout, attempt) as use:
+        with _connection(origin, timeout, attempt, None if url == asked else asked) as use:
             _time_left(deadline, url, total, timeout, use.connection)
             use.send(method, target, sent)
             _time_left(deadline, url, total, timeout, use.connection)
@@ -559,7 +566,7 @@ def read_range(url: str, headers: Mapping[str, str], start: int, end: int, size:
     sent, asked = {**headers, "Range": f"bytes={start}-{end}"}, url
     for _ in range(MAX_REDIRECTS + 1):
         origin, target = _origin(url)
-        with _connection(origin, timeout, attempt) as use:
+        with _connection(origin, timeout, attempt, None if url == asked else asked) as use:
             use.send("GET", target, sent)
             response = use.connection.getresponse()
             answer = Answer(response.status, response.headers, url)

@@ -16,7 +16,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-__all__ = ["RedirectRefused", "check_redirect"]
+__all__ = ["RedirectRefused", "check_peer", "check_redirect"]
 
 # How far in an address is: each scope may lead to the ones below or equal to it, link-local to itself alone
 PUBLIC, PRIVATE, LOOPBACK, LINK_LOCAL = 0, 1, 2, 3
@@ -33,11 +33,15 @@ _resolved: dict[str, tuple[float, int | None]] = {}
 _resolved_lock = threading.Lock()
 
 
+# Clouds' metadata services outside 169.254/16 (AWS's over IPv6, Alibaba's): as link-local (review 40)
+_METADATA = {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+
+
 def _scope_of_address(address: str) -> int:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip.is_link_local:
+    if ip.is_link_local or ip in _METADATA:
         return LINK_LOCAL
     if ip.is_loopback or ip.is_unspecified:  # (0.0.0.0 reaches this machine)
         return LOOPBACK
@@ -89,6 +93,21 @@ def check_redirect(upstream: str, location: str) -> None:
         f"upstream itself ({_SCOPE_NAMES[origin]}): refused (an upstream's redirect is never followed into "
         "the node's own machine or networks unless the upstream is there too: see docs/security.md)"
     )
+
+
+def check_peer(upstream: str, location: str, address: str) -> None:
+    """Raise :class:`RedirectRefused` when ``address``, which a redirect's ``location`` connected to, lies
+    further in than ``upstream``: its name may resolve to another address at the connection than at the
+    check (a rebinding name), or not at all then."""
+    host = urlsplit(upstream).hostname
+    origin = scope_of_host(host) if host else None
+    target = _scope_of_address(address)
+    if target > (PUBLIC if origin is None else origin):
+        raise RedirectRefused(
+            f"{_shown(upstream)} redirected to {_shown(location)}, which led to {address}, on "
+            f"{_SCOPE_NAMES[target]}, further in than the upstream itself "
+            f"({_SCOPE_NAMES[PUBLIC if origin is None else origin]}): refused (see docs/security.md)"
+        )
 
 
 def _shown(url: str) -> str:

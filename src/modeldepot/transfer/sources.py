@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from modeldepot.counters import PULLS
 from modeldepot.errors import (
@@ -39,6 +39,7 @@ from modeldepot.errors import (
 from modeldepot.hashing import chunk_count, chunk_span
 from modeldepot.transfer.outage import OUTAGE, QUICK_REFUSALS, OutageClock, wait_in_outage
 from modeldepot.transfer.ranged import (
+    MAX_REDIRECTS,
     READERS,
     Answer,
     Attempt,
@@ -50,6 +51,7 @@ from modeldepot.transfer.ranged import (
     reading_body,
     request,
 )
+from modeldepot.transfer.redirects import RedirectRefused, check_redirect
 from modeldepot.transfer.threads import until_done
 from modeldepot.validation import from_upstream, validate_blake3
 
@@ -448,6 +450,31 @@ class HttpSource:
             kind = UpstreamTimeoutError if isinstance(error, TimeoutError) else UpstreamError
             raise kind(f"{url}: {type(error).__name__}: {error}", source=url) from error
 
+    async def _get_following(self, session: aiohttp.ClientSession, url: str) -> aiohttp.ClientResponse:
+        """GET ``url``, its redirects followed here, not by aiohttp: each checked as the ranged reads check
+        theirs (transfer/redirects.py; aiohttp's own following let a public upstream lead a node to a service
+        on its loopback: review 40), the token dropped for another origin."""
+        headers, target = self.headers(), url
+        for _ in range(MAX_REDIRECTS + 1):
+            proxy = proxy_of(target)
+            response = await session.get(
+                target, headers=headers, timeout=self._timeout(), allow_redirects=False,
+                proxy=None if proxy is None else proxy.url, proxy_headers=None if proxy is None else proxy.headers(),
+            )  # fmt: skip
+            location = response.headers.get("Location")
+            if response.status not in (301, 302, 303, 307, 308) or not location:
+                return response
+            response.release()
+            location = urljoin(target, location)
+            try:
+                check_redirect(url, location)
+            except RedirectRefused as refused:
+                raise UpstreamError(str(refused), source=url) from None
+            if not _same_origin(target, location):
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            target = location
+        raise UpstreamError(f"{url}: more than {MAX_REDIRECTS} redirects", source=url)
+
     async def stream_whole(
         self,
         session: aiohttp.ClientSession,
@@ -460,12 +487,8 @@ class HttpSource:
         do not do ranges). One attempt: a caller that needs more tries again."""
         import aiohttp
 
-        proxy = proxy_of(url)
         try:
-            async with session.get(
-                url, headers=self.headers(), timeout=self._timeout(),
-                proxy=None if proxy is None else proxy.url, proxy_headers=None if proxy is None else proxy.headers(),
-            ) as response:  # fmt: skip
+            async with await self._get_following(session, url) as response:
                 if response.status != 200:
                     raise _final_error(response.status, url, response.headers.get("X-Error-Message"))
                 got = 0
