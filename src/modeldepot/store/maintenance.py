@@ -369,15 +369,16 @@ def _remove_revisions(store: Store, revisions: list[tuple[str, str]], kept: froz
                 con.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,))
             removed.add(place)
             last.update(dict.fromkeys(blobs, place))
+            # Its snapshot set aside before the rows go (Snapshots.set_aside: gc keeps a whole snapshot the index
+            # does not know, an older index put back, and a killed removal must leave none), in the transaction
+            # (a removal that waited on another process's write had it gone for the readers meanwhile, and for
+            # nothing when it then failed: review 40)
+            if place not in aside and (moved := store.snapshots.set_aside(repo_id, commit_id)) is not None:
+                aside[place] = moved
         return removed, last, _delete_unreferenced_rows(con, [b for b in last if b not in kept])
 
-    # Each snapshot is set aside before the rows go (Snapshots.set_aside: gc keeps a whole snapshot the index
-    # does not know, an older index put back, and a killed removal must leave none)
     aside: dict[int, Path] = {}
     try:
-        for place, (repo_id, commit_id) in enumerate(revisions):
-            if (moved := store.snapshots.set_aside(repo_id, commit_id)) is not None:
-                aside[place] = moved
         # On a full disk the index takes the room its transaction needs from the store's reserve.
         removed, last, freed = store.index.write_freeing(doing, delete_rows)
     except BaseException:
