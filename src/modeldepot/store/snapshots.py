@@ -37,20 +37,13 @@ class Snapshots:
         """Whether the snapshot holds exactly these links: each right, and no other (an `rm --quant` killed
         between its commit and the links' removal left the variant's links there, dangling or live, for
         good: a loader globbing ``*.gguf`` found a file the revision no longer has)."""
-        root = self.path(repo_id, commit_id)
-        expected = 0
-        for path, sha256 in files:
-            expected += 1
-            link = self.layout.snapshot_file(root, path)
-            try:
-                if os.readlink(link) != self.layout.link_target(link, sha256):
-                    return False
-            except OSError:
-                return False
+        files = list(files)
+        if not self.holds(repo_id, commit_id, files):
+            return False
         found = 0
-        for _folder, _subfolders, names in os.walk(root):  # (links are not followed)
+        for _folder, _subfolders, names in os.walk(self.path(repo_id, commit_id)):  # (links are not followed)
             found += len(names)
-        return found == expected
+        return found == len(files)
 
     def holds(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> bool:
         """Whether the snapshot holds a right link for each of these files (others aside): what a pull of part
