@@ -209,11 +209,12 @@ class Snapshots:
             for name in names:
                 link = Path(folder, name)
                 try:
-                    sha256 = os.path.basename(os.readlink(link))
-                    if not (_SHA256.fullmatch(sha256) and os.readlink(link) == self.layout.link_target(link, sha256)
-                            and self.layout.blob_path(sha256).is_file()):  # fmt: skip
-                        return None
+                    target = os.readlink(link)
                 except OSError:
+                    return None
+                sha256 = os.path.basename(target)
+                if not (_SHA256.fullmatch(sha256) and target == self.layout.link_target(link, sha256)
+                        and self.layout.blob_path(sha256).is_file()):  # fmt: skip
                     return None
                 blobs.add(sha256)
         return blobs
