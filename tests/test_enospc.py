@@ -378,9 +378,13 @@ def store_with_garbage(root: Path, tmp_path: Path) -> tuple[dict[str, bytes], di
         big = random_folder(tmp_path / "big", [400_000, 300_000], seed=9)
         depot.import_dir(big, "org/big")
         depot.import_dir(random_folder(tmp_path / "lost", [200_000, 100_000], seed=10), "org/lost")
+        lost = depot.resolve("org/lost")
         with depot.store.index.write() as con:
             con.execute("DELETE FROM revisions WHERE repo_id = 'org/lost'")  # its files go with it
             con.execute("DELETE FROM repos WHERE repo_id = 'org/lost'")
+        # (its snapshot as a removal killed after its commit leaves it, set aside: one left whole, gc keeps with
+        # its blobs, as an older index's revision)
+        depot.store.snapshots.set_aside("org/lost", lost)
         orphan = depot.store.layout.blobs / "ff" / ("f" * 64)
         orphan.parent.mkdir(exist_ok=True)
         orphan.write_bytes(b"o" * 50_000)
