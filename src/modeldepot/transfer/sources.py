@@ -367,6 +367,11 @@ class HttpSource:
                     await asyncio.sleep(self.retry.delay(0, retry_after))
                 continue
             failures += 1
+            if outage_waits and clock is not None and not clock.outage():
+                # (the outage it waited out is over, other ranges heard from: its failures then are forgiven, or
+                # an answer sent before the link came back failed the pull, its attempts used up meanwhile: a
+                # CI run of the gateway's 502s)
+                failures, outage_waits = 1, 0
             if silent and self.kind == "hub" and clock is not None and clock.outage() and clock.left() > 0:
                 # Nothing came from any source of the pull for a while, the Hub (the last resort) did not
                 # answer: the network's failure. Asked again until the pull has heard nothing for its
