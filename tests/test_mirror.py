@@ -718,7 +718,8 @@ def test_a_mirror_gives_the_parameters_of_a_branch_it_holds_as_of_its_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
 ) -> None:
     """Described by the upstream (a branch), the files had no chunk size, and the mirror took them for not
-    held: `model_info(...).safetensors` was missing by the branch and present by its commit id."""
+    held: `model_info(...).safetensors` was missing by the branch and present by its commit id. Before the
+    pull, the upstream's (it was missing: an explorer's trial)."""
     import numpy as np
     from huggingface_hub import HfApi
     from safetensors.numpy import save_file
@@ -733,7 +734,9 @@ def test_a_mirror_gives_the_parameters_of_a_branch_it_holds_as_of_its_commit(
         mirror = mirror_node(tmp_path, node.url, monkeypatch)
         try:
             api = HfApi(endpoint=mirror.url)
-            assert api.model_info(REPO).safetensors is None, "not held: no sum of part"
+            said = api.model_info(REPO).safetensors
+            assert said is not None and (said.parameters, said.total) == ({"F32": 32}, 32), "the upstream's"
+            assert not mirror.depot.has_file(REPO, "model.safetensors")
             snapshot_download(REPO, cache_dir=client_env, endpoint=mirror.url)
             by_branch = api.model_info(REPO).safetensors
             assert by_branch is not None and (by_branch.parameters, by_branch.total) == ({"F32": 32}, 32)

@@ -233,6 +233,54 @@ def test_a_mirror_refuses_what_its_upstream_lies_about(world: World, name: str) 
     world.assert_untouched()
 
 
+HONEST_WEIGHTS = {
+    "safetensors": {"parameters": {"F32": 7, "BF16": 5}, "total": 12},
+    "gguf": {"total": 9, "architecture": "llama", "context_length": 128, "chat_template": "{{ m }}",
+             "bos_token": "<s>", "eos_token": "</s>"},
+}  # fmt: skip
+WEIGHT_LIES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # what is said, what the mirror gives
+    "honest": (HONEST_WEIGHTS, HONEST_WEIGHTS),
+    "a total that is not the sum": (
+        {"safetensors": {"parameters": {"F32": 7}, "total": 10**30}},
+        {"safetensors": {"parameters": {"F32": 7}, "total": 7}},
+    ),
+    "a negative count": ({"safetensors": {"parameters": {"F32": -7}, "total": -7}}, {}),
+    "a count that is a boolean": ({"safetensors": {"parameters": {"F32": True}, "total": 1}}, {}),
+    "a dtype with a newline": ({"safetensors": {"parameters": {"F32\r\nX-Injected: 1": 7}, "total": 7}}, {}),
+    "parameters as a list": ({"safetensors": {"parameters": [7], "total": 7}}, {}),
+    "a GGUF total as text": ({"gguf": {"total": "9", "architecture": "llama"}}, {}),
+    "a template with a NUL and an unknown field": (
+        {"gguf": {"total": 9, "chat_template": "a\x00b", "architecture": ["llama"], "shell": "rm -rf /"}},
+        {"gguf": {"total": 9}},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHT_LIES))
+def test_a_mirror_gives_its_upstreams_weights_of_a_revision_not_pulled_once_checked(
+    world: World, name: str
+) -> None:
+    """A mirror's model info of a revision it had not pulled lacked the upstream's ``safetensors`` and ``gguf``
+    (tools sizing a model from them had None: an explorer's trial). They are given as said, checked: a
+    malformed one is left out, and the description still answers (they are no reason to refuse a repo)."""
+    said, given = WEIGHT_LIES[name]
+    world.liar.lie(**said)
+    node = LiveNode(world.depot, mirror=True)
+    try:
+        answer = requests.get(f"{node.url}/api/models/{REPO}", timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert {k: answer.json().get(k) for k in ("safetensors", "gguf")} == {
+            "safetensors": given.get("safetensors"),
+            "gguf": given.get("gguf"),
+        }
+        expanded = requests.get(f"{node.url}/api/models/{REPO}?expand=gguf", timeout=30).json()
+        assert expanded.get("gguf") == given.get("gguf") and "safetensors" not in expanded
+    finally:
+        node.stop()
+    assert world.depot.list_repos() == [], "described, not pulled"
+    world.assert_untouched()
+
+
 # -- the store's own defence: whatever the index says, nothing outside the home is touched --------------
 
 

@@ -80,6 +80,8 @@ class Manifest:
         str, ...
     ] = ()  # of ``other`` (files in no variant), those the store holds at the commit
     other_kept_bytes: int = 0  # bytes of the others kept from an interrupted pull, for a resume
+    # The upstream's ``safetensors`` and ``gguf`` properties of the commit, as its scan said them (validated)
+    weights_described: dict[str, Any] = field(default_factory=dict)
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -269,6 +271,7 @@ def manifest_from_record(
         other=tuple(body["other"]),
         variants=tuple(variants),
         private=bool(info.get("private", False)),
+        weights_described={name: info[name] for name in ("safetensors", "gguf") if info.get(name)},
     )
 
 

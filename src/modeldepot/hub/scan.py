@@ -227,6 +227,7 @@ def _checked(endpoint: str, repo_id: str, info: object) -> tuple[str, str, dict[
         "tags": [from_upstream(source, "tag", validate_label, tag) for tag in tags],
         "gated": gated,
         "private": bool(info.get("private")),
+        **_weights_described(info),
     }
     return _spelling(repo_id, info.get("id")), commit_id, metadata, files
 
@@ -239,6 +240,48 @@ def _spelling(repo_id: str, said: object) -> str:
         return validate_repo_id(said)
     except InvalidInputError:
         return repo_id
+
+
+MAX_DTYPES = 64  # dtypes a safetensors description may count parameters of (the Hub's have a handful)
+MAX_TEMPLATE = 256 << 10  # characters of a GGUF chat template kept from a description (real ones: 1-20 KiB)
+_GGUF_COUNTS = ("total", "context_length")
+_GGUF_TEXTS = ("architecture", "chat_template", "bos_token", "eos_token")
+
+
+def _weights_described(info: dict[str, Any]) -> dict[str, Any]:
+    """The upstream's ``safetensors`` and ``gguf`` properties (parameters by dtype; a GGUF model's count,
+    architecture, context and tokens), kept so that a node describing a revision it has not pulled gives
+    them too (a mirror gave None, and tools sizing a model from them had nothing: an explorer's trial).
+    Descriptive only: a malformed one is left out, never a reason to refuse the scan."""
+    found: dict[str, Any] = {}
+    described = info.get("safetensors")
+    if isinstance(described, dict) and isinstance(described.get("parameters"), dict):
+        parameters = described["parameters"]
+        if 0 < len(parameters) <= MAX_DTYPES and all(
+            _is_label(dtype) and _is_count(count) for dtype, count in parameters.items()
+        ):
+            found["safetensors"] = {"parameters": dict(parameters), "total": sum(parameters.values())}
+    described = info.get("gguf")
+    if isinstance(described, dict) and _is_count(described.get("total")):
+        gguf = {name: described[name] for name in _GGUF_COUNTS if _is_count(described.get(name))}
+        for name in _GGUF_TEXTS:
+            text = described.get(name)
+            if isinstance(text, str) and len(text) <= MAX_TEMPLATE and "\x00" not in text:
+                gguf[name] = text
+        found["gguf"] = gguf
+    return found
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
+def _is_label(value: object) -> bool:
+    try:
+        validate_label(value)
+    except InvalidInputError:
+        return False
+    return True
 
 
 def _optional_label(source: str, field: str, value: object) -> str | None:

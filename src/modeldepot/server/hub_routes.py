@@ -260,8 +260,8 @@ async def model_info(request: web.Request) -> web.Response:
     else:  # the repo's: as /api/models lists it (repo_exists asks so)
         view = await _default_view(request, repo_id)
     store = request.app[DEPOT].store
-    # The parameters by dtype, as the Hub gives them by default (read from the store: a revision held in part,
-    # or that a mirror has not pulled, has none)
+    # The parameters by dtype, as the Hub gives them by default, read from the store; where it lacks weights
+    # of a revision a mirror describes from its upstream's scan, the upstream's
     derived: dict[str, Any] = {}
     if not expand or "safetensors" in expand:
         listed = [f.path for f in view.files]
@@ -270,6 +270,7 @@ async def model_info(request: web.Request) -> web.Response:
         )
     if not expand or "gguf" in expand:
         derived["gguf"] = await asyncio.to_thread(gguf_info, store, view.repo_id, view.commit_id)
+    derived = {name: value or view.weights_described.get(name) for name, value in derived.items()}
     derived = {name: value for name, value in derived.items() if value}
     # A commit held in part without its listing (adopted from a Hugging Face cache) is listed as the files
     # held, all a node can give; a depot pulling from it is told, and asks its other sources for the commit

@@ -191,4 +191,5 @@ async def mirror_revision(
         created_at=manifest.scanned_at,
         updated_at=manifest.scanned_at,
         committed_at=manifest.scanned_at,
+        weights_described=manifest.weights_described,
     )

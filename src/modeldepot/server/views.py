@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -71,6 +71,9 @@ class RevisionView:
     created_at: float  # the repo's first import or pull here (an upstream's: when it was scanned)
     updated_at: float
     committed_at: float  # when this revision was imported or pulled (lastCommit's date)
+    # An upstream's ``safetensors``/``gguf`` of a revision described from its scan: given when the store
+    # cannot derive them (it does not hold the weights yet)
+    weights_described: dict[str, Any] = field(default_factory=dict)
 
 
 def stored_view(
