@@ -6,6 +6,7 @@ page of the index's file overwritten, as a disk's bad sector leaves it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -380,3 +381,81 @@ def test_a_removal_interrupted_just_after_its_commit_leaves_no_snapshot_gc_keeps
         monkeypatch.undo()
         report = depot.gc()
         assert report.unknown_revisions == () and report.blobs_removed == 1
+
+
+def test_a_failed_publish_of_content_a_kept_snapshot_names_leaves_its_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an older index put back, a publish of content only a kept snapshot's blob holds places its bytes
+    over that blob; failing, it deleted it: the snapshot gc kept was no longer whole, and the next gc deleted
+    the rest of the model (review 40). Bytes placed over a file of their name stay."""
+    import shutil
+
+    from modeldepot.store import publish
+
+    home = tmp_path / "store"
+    weights = os.urandom(300_000)
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "first", {"config.json": b"{}"}), "acme/first")
+    index = StoreLayout(home).index_path
+    backup = tmp_path / "index-backup.db"
+    shutil.copy(index, backup)
+    with Depot(home) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "second", {"weights.bin": weights}), "acme/second")
+    for stale in (index.with_name(index.name + "-wal"), index.with_name(index.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    shutil.copy(backup, index)
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise StoreError("the index refused the revision")
+
+    with Depot(home) as depot:
+        monkeypatch.setattr(publish, "_commit", failing)
+        with pytest.raises(StoreError, match="refused"):
+            depot.import_dir(write_model_dir(tmp_path / "again", {"copy.bin": weights}), "acme/again")
+        monkeypatch.undo()
+        assert depot.gc().unknown_revisions != (), "the snapshot is still whole: kept"
+    recover_index(home)
+    with Depot(home) as depot:
+        assert bytes(depot.get_file("acme/second", "weights.bin")) == weights
+
+
+def test_a_snapshot_rebuilt_as_its_revision_is_removed_is_not_left_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild of a snapshot read the revision's files before its lock: a removal in between, then the build
+    made the removed revision's snapshot whole again, and a kill before the next look left it so (gc keeps
+    such a one as an older index's, with its blobs, for good: review 40). The files are read under the lock."""
+    home = tmp_path / "store"
+    with Depot(home) as depot:
+        commit = depot.import_dir(
+            write_model_dir(tmp_path / "doomed", {"weights.bin": os.urandom(300_000)}), "acme/doomed"
+        ).commit_id
+        snapshots = depot.store.snapshots
+        (snapshots.path("acme/doomed", commit) / "weights.bin").unlink()
+        looked = snapshots.is_complete
+
+        def removed_after_the_look(*args: object) -> bool:
+            whole = looked(*args)  # type: ignore[arg-type]
+            depot.remove("acme/doomed")
+            return whole
+
+        built = snapshots.build
+        builds: list[object] = []
+
+        class Killed(BaseException):
+            pass
+
+        def killed_after_one_build(*args: object) -> None:
+            if builds:
+                raise Killed  # (the process ends here)
+            builds.append(args)
+            built(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(snapshots, "is_complete", removed_after_the_look)
+        monkeypatch.setattr(snapshots, "build", killed_after_one_build)
+        with contextlib.suppress(Killed):
+            depot.store.ensure_snapshot("acme/doomed", commit)
+        monkeypatch.undo()
+        assert builds == [], "nothing to build: the revision is gone"
+        assert depot.gc().unknown_revisions == ()

@@ -161,6 +161,7 @@ def publish(
     ``recorded`` gets the spec the revision was recorded under (the repo's spelling in the store, the
     commit id an ``on_head`` spec was given)."""
     placed: list[str] = []
+    over: set[str] = set()  # of those, placed over a file of the blob's name (see _unplace)
     new: list[str] = []
     try:
         with store.lock.shared(), store.layout.same_folders():
@@ -185,6 +186,8 @@ def publish(
                     if partial.changed_since_hashed():  # (a linked file written since: see importer)
                         raise SourceDirectoryError(f"{partial.linked_from} changed after it was hashed "
                                                    "(something still writes it): import it again once it is written")  # fmt: skip
+                    if store.blobs.path(sha256).exists():
+                        over.add(sha256)
                     store.blobs.place(partial, sha256, durable=not store.durability.deferred)
                     placed.append(sha256)
             linked = {
@@ -206,7 +209,7 @@ def publish(
             _build_snapshot(store, spec.repo_id, spec.commit_id, [(s.path, s.digest.sha256) for s in staged])
     except BaseException:
         if placed:
-            _unplace(store, placed, partials)
+            _unplace(store, placed, partials, over)
         raise
     return set(new)
 
@@ -218,11 +221,14 @@ def publish_blobs(store: Store, blobs: dict[str, tuple[BlobDigest, PartialBlob]]
     relies on them first (``BudgetWriter.reuse``), so that gc and evictions leave them until it publishes
     them; a pull that fails then leaves them for the next pull, as gc's orphans."""
     placed: list[str] = []
+    over: set[str] = set()
     try:
         with store.lock.shared(), store.layout.same_folders():
             known = _with_files(store, blob_states(store.index, list(blobs), store.durability.boot))
             for sha256, (_, partial) in blobs.items():
                 if known.get(sha256) != "ok":
+                    if store.blobs.path(sha256).exists():
+                        over.add(sha256)
                     store.blobs.place(partial, sha256, durable=not store.durability.deferred)
                     placed.append(sha256)
             if not placed:
@@ -238,7 +244,7 @@ def publish_blobs(store: Store, blobs: dict[str, tuple[BlobDigest, PartialBlob]]
             store.durability.written()
     except BaseException:
         if placed:
-            _unplace(store, placed, {sha256: partial for sha256, (_, partial) in blobs.items()})
+            _unplace(store, placed, {sha256: partial for sha256, (_, partial) in blobs.items()}, over)
         raise
     return new
 
@@ -258,15 +264,17 @@ def _build_snapshot(store: Store, repo_id: str, commit_id: str, published: list[
         )
 
 
-def _unplace(store: Store, placed: list[str], partials: dict[str, PartialBlob]) -> None:
+def _unplace(store: Store, placed: list[str], partials: dict[str, PartialBlob], over: set[str]) -> None:
     """Delete blobs placed but never committed (a download's file placed under the blob's name goes back
     under its own: a publish that failed for want of an inode threw finished downloads away, fetched again
     by the next pull, an explorer's trial). Under the exclusive lock no writer is between placing and
-    committing, so a blob without an 'ok' row is nobody's."""
+    committing, so a blob without an 'ok' row is nobody's index row's; those placed ``over`` a file of their
+    name stay, verified bytes where that file was: a row waiting for its check, or a whole snapshot gc keeps
+    of an older index (store/snapshots.py), named it, and lost it (review 40)."""
     with store.lock.exclusive():
         states = blob_states(store.index, placed)
         for sha256 in placed:
-            if states.get(sha256) != "ok":
+            if states.get(sha256) != "ok" and sha256 not in over:
                 partial = partials.get(sha256)
                 if partial is None or not partial.name_taken or not store.blobs.put_back(sha256, partial):
                     store.blobs.delete(sha256)  # (a linked one: the partial's discard gives its mode back)

@@ -821,14 +821,17 @@ class Store:
         if self.snapshots.is_complete(repo_id, commit_id, pairs):
             return False
         for _ in range(5):
-            with self.lock.shared():  # gc (exclusive) never sees a snapshot half-built
+            with self.lock.shared():  # gc and removals (exclusive) never see a snapshot half-built
+                # (the files read again under the lock: a removal between the look and the build had its
+                # snapshot built again whole, and a kill then left one the index did not know: review 40)
+                pairs = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
+                if not pairs:
+                    return False  # (removed meanwhile)
                 self.snapshots.build(repo_id, commit_id, pairs)
             # A pull that added files to the commit between our look and our build has built its snapshot,
             # which ours (of the files before it) just replaced: built again, of the files now
-            now = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
-            if now == pairs:
+            if [(f.path, f.sha256) for f in self.files(repo_id, commit_id)] == pairs:
                 break
-            pairs = now
         return True
 
     @contextlib.contextmanager
