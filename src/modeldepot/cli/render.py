@@ -580,7 +580,8 @@ def render_gc(
         shown = ", ".join(report.unknown_revisions[:3]) + (" …" if len(report.unknown_revisions) > 3 else "")
         err.print(f"[yellow]warning:[/yellow] kept {count(len(report.unknown_revisions), 'revision')} the index does "
                   f"not know, whole in snapshots/ ({escape(shown)}), with their files: was an older index.db put "
-                  "back? `modeldepot recover-index` takes them in (or remove their snapshot folders, then gc)")  # fmt: skip
+                  "back? `modeldepot recover-index` takes them in. A removal killed midway under an older "
+                  "modeldepot may have left one of a model removed on purpose: remove its folder, then gc")  # fmt: skip
     for problem in report.not_deleted[:5]:
         err.print(f"[red]not deleted:[/red] {escape(problem)}")
     if len(report.not_deleted) > 5:
