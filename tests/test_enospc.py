@@ -661,6 +661,30 @@ def test_a_pull_larger_than_the_free_disk_is_refused_before_a_byte_is_fetched(
         assert depot.pull("acme/two").files == 2  # and once there is room
 
 
+def test_a_pull_the_disk_lacks_room_for_deletes_the_corrupt_copies_kept_in_quarantine(
+    mount_tmpfs: Mount, files: dict[str, bytes]
+) -> None:
+    """After a power loss the torn copy of a model, quarantined, kept the room its own pull needed: every
+    repair and pull failed with "lacks room" for good, until a human ran gc (an explorer's trial on an edge
+    box). A disk short of room deletes the corrupt copies first."""
+    import hashlib as _hashlib
+
+    root = mount_tmpfs("size=10m")
+    with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+        depot.pull("acme/two")
+        blob = depot.store.blobs.path(_hashlib.sha256(files["a.bin"]).hexdigest())
+        os.chmod(blob, 0o644)
+        with open(blob, "r+b") as torn:
+            torn.write(bytes(1 << 20))  # (zeroed, as an unflushed write a power loss tore)
+        assert not depot.verify().ok
+        assert sum(p.stat().st_size for p in depot.store.layout.quarantine.iterdir()) == 3 << 20
+        leave_free(root, 2 << 20)
+        depot.pull("acme/two")
+        assert bytes(depot.get_file("acme/two", "a.bin")) == files["a.bin"]
+        assert list(depot.store.layout.quarantine.iterdir()) == []
+        assert depot.verify().ok
+
+
 @pytest.mark.parametrize("free_mib", [2, 4])
 def test_under_a_budget_a_pull_evicts_for_the_disk_too_or_nothing(
     mount_tmpfs: Mount, tmp_path: Path, files: dict[str, bytes], free_mib: int

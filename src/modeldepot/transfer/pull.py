@@ -38,6 +38,7 @@ from modeldepot.modelcard import upstream_card
 from modeldepot.openfiles import open_file_limit, raise_open_file_limit
 from modeldepot.store.blobs import PartialBlob
 from modeldepot.store.budget import BudgetWriter
+from modeldepot.store.layout import size_text
 from modeldepot.store.locks import process_state
 from modeldepot.store.partials import ResumablePartial, partial_key
 from modeldepot.store.publish import RevisionSpec, StagedFile, publish, publish_blobs, refuse_nested_branch
@@ -223,6 +224,19 @@ SHARED_REMOVED_TRIES = 3  # publishes a pull tries while files it shares are rem
 OTHER_DESCRIPTORS = 256
 
 
+def _free_quarantine(store: Store, sizes: dict[str, int], short: int, doing: str) -> int:
+    """The disk's shortage of room for ``sizes`` once the quarantined copies are deleted: a disk short of room
+    needs theirs more than anyone needs a corrupt copy (after a power loss the torn copy of a model kept the
+    room its own pull needed, every repair and pull failed for good, until a human ran `gc`: an explorer's
+    trial)."""
+    freed = store.blobs.drop_quarantined(None)
+    if not freed:
+        return short
+    log.warning("%s: the disk lacks room: deleted %s of corrupt copies kept in quarantine/", doing,
+                size_text(freed))  # fmt: skip
+    return store.partials.room_short(sizes)[0]
+
+
 def _check_open_file_limit(repo_id: str, fetching: int) -> None:
     """A pull holds each file it fetches open (its lock) until it publishes them together: a repo of more
     files than the process may open failed after minutes ("Too many open files"), 40,000 partial files
@@ -304,6 +318,8 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         # it, then could not take: an explorer's trial). (to its end: cancelled, the pull leaves its writer
         # only once the room is made and released)
         short, _free = await asyncio.to_thread(store.partials.room_short, sizes)
+        if short > 0:
+            short = await asyncio.to_thread(_free_quarantine, store, sizes, short, doing)
         await in_budget_pool(writer.make_room, sum(new_bytes.values()), doing, short)
         # ... and the disk looked at again, as the evictions left it (a blob linked outside frees nothing)
         await asyncio.to_thread(store.partials.check_room, sizes, doing)
