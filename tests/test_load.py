@@ -486,6 +486,49 @@ def test_load_pulls_again_a_file_found_corrupt(
         assert local.verify().ok
 
 
+@pytest.mark.parametrize("found", ["a shared file scrubbed", "files torn by a power loss, read unchecked"])
+def test_load_pulls_again_a_shared_file_found_corrupt_and_one_found_so_as_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, found: str
+) -> None:
+    """A config torn by a power loss (or a rot a scrub found) failed every load for good: the load pulled a
+    quarantined model file again, not a quarantined shared one. And right after the restart, a load that
+    read a torn blob before the store's background check had reached it failed where the check's own find
+    healed (a race, an explorer's trial on an edge box). Both are pulled again, and the load goes on."""
+    from modeldepot.store import durability
+
+    weights = {"w": np.arange(4096, dtype=np.float32)}
+    source = tmp_path / "src"
+    source.mkdir()
+    save_file(weights, str(source / "model.safetensors"))
+    (source / "config.json").write_text('{"model_type": "linear", "hidden_size": 4096}')
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before")
+    monkeypatch.setattr(durability.Durability, "_start", lambda self: None)  # (no background flush nor check)
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(source, "acme/st")
+        upstream = LiveNode(upstream_depot)
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+                local.pull("acme/st")
+                torn = (
+                    ["config.json"] if found.startswith("a shared") else ["config.json", "model.safetensors"]
+                )
+                for path in torn:
+                    flip_byte(local.store.blobs.path(local.file_info("acme/st", path).sha256), 10)
+                if found.startswith("a shared"):
+                    assert not local.verify().ok  # (found, quarantined: as a scrub does)
+            monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after")
+            with Depot(tmp_path / "local", servers=[upstream.url]) as local:
+                loaded = local.load("acme/st", engine="safetensors", warmup=0)
+                assert np.array_equal(loaded["w"], weights["w"])
+                assert local.verify().ok
+                for path in ("config.json", "model.safetensors"):
+                    assert bytes(local.get_file("acme/st", path)) == (source / path).read_bytes()
+        finally:
+            upstream.stop()
+
+
 def test_load_without_a_variant_pulls_the_one_it_loads(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import time
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -61,6 +62,8 @@ from modeldepot.validation import (
     validate_repo_id,
     validate_revision,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChooseVariant", "PullVariant", "Pulled", "has_external_data", "load_variant"]
 
@@ -124,12 +127,15 @@ def load_variant(
     inputs: Mapping[str, Any] | None,
     owner: Store | None = None,
     file: str | None = None,
+    healed: frozenset[str] = frozenset(),
 ) -> Any:
     """A loaded, warmed-up engine for a variant, from ``cache`` or built now (see the module's docstring).
     ``owner``: the store of the depot that loads it, when ``store`` is a shared one it reads through (the
     cache key names the owner's: its depot lets go of the engine when the shared store removes the model).
     ``offline``: a variant missing from a revision the store holds is an error listing the ones it has.
-    ``file``: the model file to load (a path in the repo), not the variant's plainest."""
+    ``file``: the model file to load (a path in the repo), not the variant's plainest. A file found
+    corrupt as it is read is pulled again and the load tried again (online), once for each blob (``healed``:
+    those pulled again so far)."""
     validate_repo_id(repo_id)
     validate_revision(revision)
     if quant is not None:
@@ -250,7 +256,16 @@ def load_variant(
             if path not in graphs and not any(_is_external_data_of(path, graph) for graph in graphs)
         }  # fmt: skip
     size = sum(f.size for f in files if f.path in companions or _is_external_data_of(f.path, chosen))
-    return cache.get_or_load(key, load_and_warm, size)
+    try:
+        return cache.get_or_load(key, load_and_warm, size)
+    except CorruptBlobError as corrupt:
+        if offline or store.read_only or corrupt.sha256 in healed:
+            raise
+        # Found corrupt as the load read it (quarantined now: a blob the check after a restart had not reached
+        # yet; a load failed or healed by that race, an explorer's trial): pulled again, once each
+        log.warning("%s@%s: %s: pulling it again", repo_id, commit_id[:12], corrupt)
+        return load_variant(store, preloader, cache, pull, offline, repo_id, quant, revision, engine, warmups,
+                            inputs, owner, file, healed | {corrupt.sha256})  # fmt: skip
 
 
 def _refuse_if_corrupt(store: Store, repo_id: str, commit_id: str, chosen: str, error: Exception) -> None:
@@ -347,7 +362,9 @@ def _lacking(
 ) -> list[str]:
     """The variant's own files that its commit's listing names and the store lacks (a cache adopted from
     an ``allow_patterns`` download, an interrupted pull): loaded without them, an ONNX model's external
-    data is a raw onnxruntime error. Nothing when the commit's listing is not known."""
+    data is a raw onnxruntime error; and the shared files it holds corrupt (quarantined: a config torn by a
+    power loss failed every load for good, where a torn model file was pulled again, an explorer's trial).
+    Nothing when the commit's listing is not known."""
     try:
         record = store.manifests.load(repo_id)
     except NotFoundError:
@@ -360,10 +377,9 @@ def _lacking(
         if quant
         else next((v for v in grouping.variants if v.name == "fp32"), None)
     )
-    if variant is None:
-        return []
     held = set(_held_paths(store, repo_id, commit_id))
-    return sorted(set(variant.files) - held)
+    corrupt = set(grouping.shared) & ({f.path for f in store.files(repo_id, commit_id)} - held)
+    return sorted((set() if variant is None else set(variant.files) - held) | corrupt)
 
 
 def saved_listing(store: Store, repo_id: str, commit_id: str) -> list[str] | None:
