@@ -540,6 +540,41 @@ def test_auto_preload_keeps_the_most_used_that_fit_together_and_skips_what_left(
             preloader.close()
 
 
+def test_auto_preload_goes_on_past_a_model_found_corrupt_and_takes_it_once_repaired(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a power loss the most used model's torn blob, found as `--preload-top` read it, stopped the
+    preload of every model, its error lost in a future nobody looked at; repaired seconds later, the model
+    stayed out of RAM until the next restart (an explorer's trial on an edge box). The others are
+    preloaded, the skipped one is said, and it goes in once repaired."""
+    from conftest import flip_byte
+    from modeldepot.store import durability
+
+    monkeypatch.setattr(durability.Durability, "_start", lambda self: None)  # (no background flush nor check)
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before")
+    with Depot(home) as depot:
+        for seed, name in enumerate("ab"):
+            add_repo(depot, tmp_path, name, seed, size=MiB)
+        for name, uses in (("a", 2), ("b", 5)):
+            for _ in range(uses):
+                depot.get_file(f"acme/{name}", "model.safetensors")
+        flip_byte(depot.store.blobs.path(depot.file_info("acme/b", "model.safetensors").sha256), 10)
+    monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after")
+    with Depot(home) as depot:
+        preloader = Preloader(depot, budget="1GiB")
+        try:
+            with caplog.at_level(logging.WARNING, logger="modeldepot.preload"):
+                done = preloader.auto_preload_in_background(2).result(timeout=60)
+            assert [i.repo_id for i in done] == ["acme/a"]
+            assert "not preloading acme/b (safetensors) now: blob" in caplog.text
+            depot.import_dir(tmp_path / "b", "acme/b")  # (repaired: as `serve --repair` pulls it again)
+            preloader.preload_again_after_repair()
+            wait_until(lambda: {key[0] for key in preloader.revisions()} == {"acme/a", "acme/b"}, 60,
+                       "the repaired model preloaded")  # fmt: skip
+        finally:
+            preloader.close()
+
+
 def test_a_quant_read_through_the_file_api_is_the_one_auto_preload_takes(
     depot: Depot, tmp_path: Path
 ) -> None:

@@ -976,6 +976,11 @@ class Depot(Upkeep):
                     self._preloader = Preloader(self, budget, strategy)
         return self._preloader
 
+    @property
+    def has_preloader(self) -> bool:
+        """Whether the RAM tier was made (:attr:`preloader` makes it on first use)."""
+        return self._preloader is not None
+
     def use_preloader(self, preloader: Preloader) -> None:
         """Replace the RAM tier (a budget or strategy of the caller's choosing)."""
         with self._made_lock:

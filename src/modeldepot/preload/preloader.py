@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import mmap
 import operator
@@ -75,6 +76,11 @@ RECHECK_SECONDS = 10.0  # a holder's release measures the tier against its budge
 
 
 CLOSED = "the preloader is closed (its depot was closed): open the depot again"
+
+
+def _said_if_failed(done: Future[list[PreloadInfo]]) -> None:
+    if not done.cancelled() and (error := done.exception()) is not None:
+        log.warning("the preload of the most used models failed: %s: %s", type(error).__name__, error)
 
 
 def _check_model_count(top_n: object) -> None:
@@ -297,6 +303,7 @@ class Preloader:
         # Closed: what it loads is freed, not kept (a Depot closed while a preload ran held its memfd copy,
         # 100 MiB of RAM, for the life of the process: a trial)
         self._closed = threading.Event()
+        self._auto_top = 0  # the last auto_preload's count of models (preload_again_after_repair)
         # (the models of handles collected unreleased, let go of at the next call: _release_dropped)
         self._dropped: collections.deque[_Model] = collections.deque()
         # A depot's: what it holds counts as in use there, and what another process removed goes at the next
@@ -520,9 +527,22 @@ class Preloader:
         if self._closed.is_set():
             raise DepotError(CLOSED)
         try:
-            return self._pool.submit(self.auto_preload, top_n)
+            started = self._pool.submit(self.auto_preload, top_n)
         except RuntimeError:  # (the executor's own, raw, when closed meanwhile: every other call says this)
             raise DepotError(CLOSED) from None
+        started.add_done_callback(
+            _said_if_failed
+        )  # (nobody looks at the future: its error was lost, a trial)
+        return started
+
+    def preload_again_after_repair(self) -> None:
+        """Run the last :meth:`auto_preload` again, in the background (what it holds stays, a hit): a model
+        it skipped as corrupt, repaired now (``serve --repair``), is preloaded as it would have been (after a
+        power loss, the most used model stayed out of RAM until the next restart: an explorer's trial)."""
+        top_n = self._auto_top
+        if top_n and not self._closed.is_set():
+            with contextlib.suppress(DepotError):
+                self.auto_preload_in_background(top_n)
 
     def auto_preload(self, top_n: int) -> list[PreloadInfo]:
         """Preload the ``top_n`` most used models (by recorded accesses) that fit the budget together, the
@@ -530,6 +550,7 @@ class Preloader:
         are skipped. (Preloaded in turn, most used first, each evicted the least recently preloaded: with
         room for two of three, the most used went, a trial.) Returns them, most used first."""
         _check_model_count(top_n)
+        self._auto_top = top_n
         chosen: list[tuple[str, str | None]] = []
         room = self.budget
         for access in self.store.access.top(top_n * 4 + 20, in_store=True):
@@ -554,6 +575,10 @@ class Preloader:
                 done.insert(0, self.preload(repo_id, quant))
             except (NotFoundError, InvalidInputError) as error:  # (removed meanwhile)
                 log.info("not preloading %s: %s", repo_id, error)
+            except (
+                CorruptBlobError
+            ) as error:  # (the others are preloaded all the same: it stopped them, a trial)
+                log.warning("not preloading %s%s now: %s", repo_id, f" ({quant})" if quant else "", error)
         if not done:  # (it said it would preload, then nothing: a README walk)
             log.info("preloaded nothing: no model in the store was used yet (a use: a load, a read or a download "
                      "of a variant's file), or none fits the preload budget")  # fmt: skip

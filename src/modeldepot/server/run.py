@@ -353,6 +353,7 @@ async def _repair_now_and_then(depot: Depot, look: float = REPAIR_LOOK) -> None:
     # A revision whose repair failed -> (when it is tried next, the wait before that)
     waits: dict[tuple[str, str], tuple[float, float]] = {}
     while True:
+        repaired = False
         try:
             broken = await asyncio.to_thread(depot.broken_files)
             now = time.monotonic()
@@ -365,12 +366,15 @@ async def _repair_now_and_then(depot: Depot, look: float = REPAIR_LOOK) -> None:
                 if outcome.error is None:
                     waits.pop(revision, None)
                     log.info("repaired %s (found corrupt, fetched again and verified)", named)
+                    repaired = True
                     continue
                 wait = min(REPAIR_PATIENCE, max(look, 2 * waits.get(revision, (0.0, look / 2))[1]))
                 waits[revision] = (time.monotonic() + wait, wait)
                 log.warning("could not repair %s: %s; tried again in %.0f s", named, outcome.error, wait)
             for gone in set(waits) - set(broken):  # (pulled or removed meanwhile)
                 del waits[gone]
+            if repaired and depot.has_preloader:  # (a model `--preload-top` skipped as corrupt goes in now)
+                depot.preloader.preload_again_after_repair()
         except DepotError as error:  # (a look that failed: the next one is made)
             log.warning("could not look for files to repair: %s", error)
         await asyncio.sleep(look)
