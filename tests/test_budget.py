@@ -137,6 +137,40 @@ def test_the_least_recently_used_revision_goes_first_and_reads_count_as_uses(
     assert store_files_consistent(store) == []
 
 
+def test_uses_recorded_under_a_clock_set_back_since_keep_nothing_from_eviction(
+    store: Depot, tmp_path: Path
+) -> None:
+    """A box that booted with its clock a day ahead, then met NTP: every model used meanwhile had a last use
+    in the future, counted as used during every write since, and was never evicted (the store went over its
+    budget, `budget` saying 0 B kept), and the model just pulled went in its place (an explorer's trial on
+    an edge box). Such a time is no use; a use made since replaces it; the scrub takes such blobs as due."""
+    import sqlite3
+
+    for name in ("acme/a", "acme/b", "acme/c"):
+        store.import_dir(model(tmp_path, name), name)
+        store.get_file(name, "config.json")
+    store.store.access.flush()
+    with sqlite3.connect(store.store.layout.index_path) as con:  # (recorded a day ahead of the clock now)
+        con.execute("UPDATE access SET last_access = last_access + 86400")
+        con.execute("UPDATE revision_access SET last_access = last_access + 86400")
+        con.execute("UPDATE blobs SET created_at = created_at + 86400, verified_at = verified_at + 86400")
+    from modeldepot.store.scrub import Scrubber
+
+    held = store.store.index.read("SELECT COUNT(*) FROM blobs WHERE state = 'ok'")[0][0]
+    assert len(Scrubber(store.store).due(older_than=3600)) == held, "due: checked at a time ahead"
+    store.get_file("acme/a", "config.json")  # a use now (the clock right again)
+    store.store.access.flush()
+    store.import_dir(model(tmp_path, "acme/d"), "acme/d")  # 4 MiB > 3.5 MiB: one must go
+    # (b's and c's uses are a day ahead: none, each counts from its import, b's the older; a was used now)
+    assert repos(store) == {"acme/a", "acme/c", "acme/d"}
+    ahead = time.time() + 3600
+    assert not store.store.index.read(
+        "SELECT 1 FROM access WHERE repo_id = 'acme/a' AND last_access > ?", (ahead,)
+    )
+    status = store.budget_status()
+    assert status.used_bytes <= status.max_bytes and status.evictions == 1
+
+
 def test_a_preload_counts_as_a_use(store: Depot, tmp_path: Path) -> None:
     """A model preloaded (here by another process, since let go of) was used then: the budget evicted it
     first all the same, as if it had not been touched since its import."""

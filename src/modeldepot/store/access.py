@@ -22,6 +22,8 @@ from modeldepot.errors import DepotError
 from modeldepot.store.forking import start_over_after_fork
 from modeldepot.store.index import Index
 
+CLOCK_SLACK = 60.0  # seconds a recorded time may be ahead of a process's clock and still be one it read
+
 __all__ = ["AccessLog", "ModelAccess"]
 
 FLUSH_INTERVAL = 5.0  # seconds between writes of the counts
@@ -170,18 +172,20 @@ class AccessLog:
 
     def _write(self, pending: dict[tuple[str, str], tuple[int, float]],
                revisions: dict[tuple[str, str], float]) -> None:  # fmt: skip
+        # (a last use ahead of the clock, by more than CLOCK_SLACK, was recorded under a clock set back since:
+        # the new one replaces it, or the model kept a time in the future until the clock caught up with it)
+        ahead = time.time() + CLOCK_SLACK
+        latest = "CASE WHEN last_access > ? THEN excluded.last_access ELSE MAX(last_access, excluded.last_access) END"
         with self.index.write("recording model accesses") as con:
             con.executemany(
                 "INSERT INTO access (repo_id, variant, count, last_access) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (repo_id, variant) DO UPDATE SET count = count + excluded.count, "
-                "last_access = MAX(last_access, excluded.last_access)",
-                [(repo, variant, count, last) for (repo, variant), (count, last) in pending.items()],
+                f"ON CONFLICT (repo_id, variant) DO UPDATE SET count = count + excluded.count, last_access = {latest}",
+                [(repo, variant, count, last, ahead) for (repo, variant), (count, last) in pending.items()],
             )
             con.executemany(
                 "INSERT INTO revision_access (repo_id, commit_id, last_access) VALUES (?, ?, ?) "
-                "ON CONFLICT (repo_id, commit_id) DO UPDATE SET "
-                "last_access = MAX(last_access, excluded.last_access)",
-                [(repo, commit, last) for (repo, commit), last in revisions.items()],
+                f"ON CONFLICT (repo_id, commit_id) DO UPDATE SET last_access = {latest}",
+                [(repo, commit, last, ahead) for (repo, commit), last in revisions.items()],
             )
 
     def last_uses(self) -> dict[str, float]:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from modeldepot.store.access import CLOCK_SLACK
 
 if TYPE_CHECKING:
     from modeldepot.store.store import Store
@@ -57,6 +60,15 @@ class Kept:
     written: set[tuple[str, str]] = field(default_factory=set)
 
 
+def _in_the_past() -> Callable[[float], float]:
+    """A recorded time as eviction counts it: one ahead of the clock now (by more than CLOCK_SLACK) was taken
+    under a clock that has been set back since (a box that booted with its clock ahead, then met NTP) and
+    says nothing: 0, as if never used. Taken at its word, each such model counted as used during every write
+    after it, was never evicted, and the model just pulled went in its place (an explorer's trial)."""
+    now = time.time()
+    return lambda recorded: recorded if recorded <= now + CLOCK_SLACK else 0.0
+
+
 class EvictionOrder:
     """The units of one store and what stays; ``variants`` set: revisions go variant by variant."""
 
@@ -74,13 +86,14 @@ class EvictionOrder:
         write)."""
         if flush:
             self.store.access.flush_for_a_read()
+        past = _in_the_past()
         variant_access: dict[tuple[str, str], float] = {}
         for row in self.store.index.read(
             "SELECT repo_id, variant, last_access FROM access WHERE variant != ''"
         ):
             key = (row["repo_id"], row["variant"].lower())
-            variant_access[key] = max(variant_access.get(key, 0.0), row["last_access"])
-        revision_access = self.store.access.revision_uses()
+            variant_access[key] = max(variant_access.get(key, 0.0), past(row["last_access"]))
+        revision_access = {key: past(used) for key, used in self.store.access.revision_uses().items()}
         named = {
             (r["repo_id"], r["commit_id"])
             for r in self.store.index.read("SELECT repo_id, commit_id FROM refs")
@@ -101,7 +114,7 @@ class EvictionOrder:
             # the branch names, and a read by commit id one of that commit (a deployment pinned to an old commit
             # read it daily, and the repo's uses kept alive the commit its branch had moved to, pulled once and
             # never read, while the old one went: a review).
-            created = row["created_at"]
+            created = past(row["created_at"])
             last_used = max(created, revision_access.get(key, 0.0))
             replaced = key[0] in written and key not in kept.written
             if key not in kept.parts and key not in kept.pinned_variants:
