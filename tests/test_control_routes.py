@@ -357,6 +357,24 @@ def test_a_pull_the_disk_budget_cannot_hold_is_refused_as_it_is_asked(
     assert call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).status == 202
 
 
+def test_a_pull_of_what_another_write_fetches_is_not_refused_for_its_room_counted_twice(
+    guarded: LiveNode, local: Depot
+) -> None:
+    """While `serve --repair` fetched a model again, a pull of it asked over the API was a 507 "the disk
+    budget is full", the repair's room for the same bytes counted beside the pull's (an explorer's trial on
+    an edge box): the check before the pull counts what it fetches as the pull will, shared."""
+    manifest = local.manifest_for(REPO, "main")
+    files = manifest.files_of("fp16")
+    contents = {f.sha256 or f.git_oid: f.size for f in files}
+    local.set_max_size(int(sum(contents.values()) * 1.5))  # (room for them once, not twice)
+    with local.store.budget.writing(REPO, manifest.commit_id, [f.path for f in files]) as repair:
+        repair.contents = dict(contents)
+        repair.make_room(sum(contents.values()), "repairing")
+        asked = call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH)
+        assert asked.status == 202, asked.body
+    assert finished(guarded, asked.json()["id"], AUTH)["state"] == "done"
+
+
 def test_a_repo_scanned_alone_is_forgotten_by_a_removal(
     guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
 ) -> None:

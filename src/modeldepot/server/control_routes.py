@@ -533,11 +533,16 @@ def _check_fits(depot: Depot, manifest: Manifest, quants: Quants) -> None:
         return
     files, _ = select(manifest, quants)
     # (content the store holds, under any file, is found in place: the pull writes nothing for it)
-    needed = sum(
-        f.size for f in files if store.local_digest(f.sha256, None if f.sha256 else f.git_oid) is None
-    )
+    new = {
+        f.sha256 or f.git_oid: f.size
+        for f in files
+        if store.local_digest(f.sha256, None if f.sha256 else f.git_oid) is None
+    }
     with store.budget.writing(manifest.repo_id, manifest.commit_id, [f.path for f in files]) as writer:
-        writer.check_fits(needed, f"pulling {manifest.repo_id}")
+        # (as the pull will: another write fetching these contents holds their room for both; a repair
+        # fetching a model again had a pull of it refused, its room counted twice, an explorer's trial)
+        writer.contents = new
+        writer.check_fits(sum(new.values()), f"pulling {manifest.repo_id}")
 
 
 def _variants(manifest: Manifest, quants: Quants) -> Quants:
