@@ -221,9 +221,15 @@ class PrefixProxy(ForwardingProxy):
         assert request.path.startswith(self.prefix + "/"), request.path
         path = request.raw_path[len(self.prefix) :]
         self.forwarded.append(path.split("?")[0])
-        async with self.session.get(self.upstream + path) as answer:
+        asked = {k: v for k, v in request.headers.items() if k in ("Range", "Authorization", "If-None-Match")}
+        async with self.session.request(request.method, self.upstream + path, headers=asked,
+                                        allow_redirects=False) as answer:  # fmt: skip
             body = await answer.read()
-            kept = {k: v for k, v in answer.headers.items() if k in ("Content-Type", "Link", "X-Total-Count")}
+            # (a redirect's Location as the node sent it, as nginx passes it: proxy_redirect off)
+            kept = {k: v for k, v in answer.headers.items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "connection")}  # fmt: skip
+            if request.method == "HEAD":
+                return web.Response(status=answer.status, headers=kept)
             return web.Response(status=answer.status, body=body, headers=kept)
 
 
@@ -243,6 +249,35 @@ def test_the_next_pages_link_points_where_clients_reach_the_node(
         api = HfApi(endpoint=f"{proxy.url}/models", token=False)
         assert [model.id for model in api.list_models()] == ["acme/a", "acme/b", "acme/c"]
         assert proxy.forwarded == ["/api/models"] * 3
+    finally:
+        node.stop()
+        proxy.stop()
+
+
+def test_a_file_asked_by_its_branch_is_sent_where_clients_reach_the_node(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LFS file asked for by a branch redirects to its commit's URL: made from the root, it left the prefix
+    a reverse proxy mounts the node under, and every download of weights by branch was a 404 there
+    (`hf_hub_download`, `HfFileSystem`, `file_exists`: an explorer's trial). Relative, it stays under it."""
+    from huggingface_hub import HfFileSystem
+
+    weights = os.urandom(300_000)
+    depot.import_dir(write_model_dir(tmp_path / "m", {"config.json": b"{}", "model.safetensors": weights}),
+                     "acme/m")  # fmt: skip
+    proxy = PrefixProxy("/models")
+    node = LiveNode(depot)
+    proxy.upstream = node.url
+    try:
+        endpoint = f"{proxy.url}/models"
+        got = hf_hub_download("acme/m", "model.safetensors", cache_dir=tmp_path / "hf", endpoint=endpoint)
+        assert Path(got).read_bytes() == weights
+        assert HfApi(endpoint=endpoint, token=False).file_exists("acme/m", "model.safetensors")
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        with HfFileSystem(endpoint=endpoint, token=False).open("acme/m/model.safetensors", "rb") as opened:
+            assert opened.read(8) == weights[:8]
+        commit = depot.resolve("acme/m")
+        assert f"/acme/m/resolve/{commit}/model.safetensors" in proxy.forwarded
     finally:
         node.stop()
         proxy.stop()

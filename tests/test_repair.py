@@ -9,6 +9,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 from click.testing import CliRunner
@@ -90,7 +91,8 @@ def test_serve_repair_heals_a_file_the_scrub_found_corrupt(local: Depot, upstrea
         node.line_with("repaired acme/pulled@")
         reply = call(node.port, "GET", target)
         while reply.status in (301, 302, 307):  # (as the Hub: to the file's address at its commit)
-            reply = call(node.port, "GET", reply.headers["Location"])
+            target = urljoin(target, reply.headers["Location"])
+            reply = call(node.port, "GET", target)
         assert reply.status == 200 and reply.body == FILES["model.safetensors"]
         wait_until(lambda: call(node.port, "GET", f"{API}/health").json()["status"] == "ok", timeout=10)
     finally:

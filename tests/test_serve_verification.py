@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pytest
 import requests
@@ -42,8 +43,8 @@ def _raw_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict
     """(status, headers, body received, whether the body was complete) over a plain socket; a redirect to the
     same node (a branch's LFS file to its commit's URL) is followed, as huggingface_hub follows it."""
     answer = _raw_get_once(url, headers)
-    if answer[0] == 302 and answer[1]["Location"].startswith("/"):
-        return _raw_get_once(url[: url.index("/", len("http://"))] + answer[1]["Location"], headers)
+    if answer[0] == 302:
+        return _raw_get_once(urljoin(url, answer[1]["Location"]), headers)
     return answer
 
 

@@ -210,8 +210,11 @@ def to_its_commit(request: web.Request, commit_id: str, headers: dict[str, str])
     revision = request.match_info.get("rev", "")
     if revision == commit_id or is_commit_id(revision):
         return None
-    org, name, path = (request.match_info[k] for k in ("org", "name", "path"))
-    location = f"/{quote(org)}/{quote(name)}/resolve/{commit_id}/{quote(path)}"
+    # Relative to the request's own URL (up from its revision and path to ``resolve/``), so that it leads
+    # where the client reached the node: behind a reverse proxy under a prefix, the root's path lost it, and
+    # every file asked for by branch was a 404 there (an explorer's trial)
+    ups = len(request.rel_url.raw_path.split("/")) - 5  # (the segments after resolve/, less the file's own)
+    location = "../" * ups + f"{commit_id}/{quote(request.match_info['path'])}"
     if request.rel_url.raw_query_string:  # (as sent: decoded, "%0d%0a" broke the header and "%23" cut it)
         location += f"?{request.rel_url.raw_query_string}"
     return web.Response(status=302, headers={**headers, "Location": location})
