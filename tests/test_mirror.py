@@ -748,6 +748,49 @@ def test_a_mirror_gives_the_parameters_of_a_branch_it_holds_as_of_its_commit(
             mirror.depot.close()
 
 
+def test_a_mirrored_or_pulled_repo_has_its_upstreams_card_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """A mirror's card, and a pulled store's, was made of the upstream's tags alone: `card_data.language` and
+    `datasets` were None, `model-index` gone, and `en`, `dataset:x` in the card's own tags (an explorer's
+    trial). The upstream's `cardData` is kept (checked), its tags listed as it listed them."""
+    from huggingface_hub import HfApi
+
+    readme = (
+        "---\nlicense: mit\nlanguage: [en]\ndatasets: [acme/corpus]\ntags: [test]\nlibrary_name: transformers\n"
+        "model-index:\n- name: m\n  results: []\n---\n# m\n"
+    )
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(
+            write_model_dir(tmp_path / "src", {**FILES, "README.md": readme.encode()}), REPO
+        )
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            there = HfApi(endpoint=node.url).model_info(REPO)
+            assert there.card_data is not None and there.card_data.language == ["en"]
+            monkeypatch.setenv("HF_ENDPOINT", node.url)
+            with Depot(tmp_path / "pulled", chunk_size=SMALL_CHUNK) as pulled:
+                pulled.pull(REPO)
+                copy = LiveNode(pulled)
+                try:
+                    for served in (mirror.url, copy.url):
+                        info = HfApi(endpoint=served).model_info(REPO)
+                        assert info.card_data is not None, served
+                        said = info.card_data.to_dict()
+                        assert said["language"] == ["en"] and said["datasets"] == ["acme/corpus"], said
+                        assert said["tags"] == ["test"] and said["model-index"] == [
+                            {"name": "m", "results": []}
+                        ]
+                        assert info.tags == there.tags, served
+                finally:
+                    copy.stop()
+        finally:
+            mirror.stop()
+            node.stop()
+            mirror.depot.close()
+
+
 def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_spelling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from modeldepot.validation import MAX_TAGS, is_label
@@ -12,6 +12,8 @@ from modeldepot.validation import MAX_TAGS, is_label
 __all__ = [
     "FILE_TAGS",
     "MAX_CARD_BYTES",
+    "UPSTREAM_TAGS",
+    "card_from_data",
     "card_metadata",
     "file_tags",
     "labels",
@@ -23,6 +25,9 @@ MAX_CARD_BYTES = 1 << 20
 _FIELDS = ("pipeline_tag", "library_name", "license", "base_model")
 # The card's key for the tags the files imply: not the README's, so not in the card data the Hub gives
 FILE_TAGS = "file_tags"
+# The card's key for the tags an upstream gave a repo pulled from it (the Hub's own, derived from its card and
+# more: ``region:us``, ``arxiv:...``), listed as the repo's tags; not the README's
+UPSTREAM_TAGS = "upstream_tags"
 # Tags the Hub gives a repo for the formats of its files, whatever its card says (``filter=gguf`` finds
 # every GGUF repo there): each is the files' extension
 _FORMAT_TAGS = ("safetensors", "gguf", "onnx")
@@ -37,13 +42,21 @@ def file_tags(paths: Iterable[str]) -> list[str]:
 
 
 def upstream_card(pipeline_tag: str | None, library_name: str | None, tags: Iterable[str],
-                  gated: object = False) -> dict[str, Any]:  # fmt: skip
+                  gated: object = False, card_data: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """A card from an upstream's description of a repo (the Hub's, a node's), as :func:`repo_card` has it:
-    the tags the upstream derived from the card put back where they came from (``license:mit`` is the
-    card's ``license``, ``base_model:X`` its ``base_model``; the library and pipeline tag are fields of
-    their own) and its format tags apart, so that a node that pulled a repo describes it as the one it
-    came from (its card data had ``tags: [license:mit]`` and no license)."""
+    its ``cardData`` (``card_data``, checked: :func:`card_from_data`) with its tags kept apart
+    (:data:`UPSTREAM_TAGS`; a mirror's and a pull's card was made of the tags alone: ``language``,
+    ``datasets``, ``model-index`` lost, and ``en``, ``dataset:x`` in the card's own tags, an explorer's
+    trial). Without card data, the tags the upstream derived from the card put back where they came from
+    (``license:mit`` is the card's ``license``, ``base_model:X`` its ``base_model``; the library and
+    pipeline tag are fields of their own) and its format tags apart, so that a node that pulled a repo
+    describes it as the one it came from (its card data had ``tags: [license:mit]`` and no license)."""
     tags = list(tags)
+    if card_data:
+        given = {**card_data, "pipeline_tag": card_data.get("pipeline_tag") or pipeline_tag,
+                 "library_name": card_data.get("library_name") or library_name,
+                 FILE_TAGS: [t for t in tags if t in _FORMAT_TAGS], UPSTREAM_TAGS: tags, "gated": gated}  # fmt: skip
+        return {key: value for key, value in given.items() if value}
     derived = {pipeline_tag, library_name}
     licenses = [t.split(":", 1)[1] for t in tags if t.startswith("license:")]
     # (``base_model:quantized:X`` names a relation, not the base: kept as a tag, it is listed as it came)
@@ -88,6 +101,12 @@ def card_metadata(text: str) -> dict[str, Any]:
         data = yaml.safe_load(text[3:end])
     except (yaml.YAMLError, RecursionError):  # (nested too deep for the parser: anyone's README can be)
         return {}
+    return card_from_data(data)
+
+
+def card_from_data(data: object) -> dict[str, Any]:
+    """A card's front matter, parsed (a README's, or an upstream's ``cardData``), as :func:`card_metadata`
+    keeps it: the values JSON's, bounded, and the names checked."""
     if not isinstance(data, dict):
         return {}
     found: dict[str, Any] = {}
@@ -130,7 +149,7 @@ def labels(value: Any) -> list[str]:
             and item and is_label(item)]  # fmt: skip
 
 
-_NOT_THE_CARDS = ("gated", FILE_TAGS)  # a repo's setting; the files' tags, the node's own key
+_NOT_THE_CARDS = ("gated", FILE_TAGS, UPSTREAM_TAGS)  # a repo's setting; the node's own keys
 _CARD_DEPTH = 32  # levels of nesting kept of a front matter value (model-index is five deep)
 # Values (and characters of text, by the thousand) kept of a front matter, at most: a README's own, 1 MiB at
 # most, holds fewer; past it (aliases repeating a value) the rest is dropped

@@ -82,6 +82,7 @@ class Manifest:
     other_kept_bytes: int = 0  # bytes of the others kept from an interrupted pull, for a resume
     # The upstream's ``safetensors`` and ``gguf`` properties of the commit, as its scan said them (validated)
     weights_described: dict[str, Any] = field(default_factory=dict)
+    card_data: dict[str, Any] = field(default_factory=dict)  # the upstream's ``cardData`` (checked)
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -272,6 +273,7 @@ def manifest_from_record(
         variants=tuple(variants),
         private=bool(info.get("private", False)),
         weights_described={name: info[name] for name in ("safetensors", "gguf") if info.get(name)},
+        card_data=info.get("card_data") or {},
     )
 
 

@@ -27,6 +27,7 @@ from modeldepot.errors import (
     UpstreamTimeoutError,
 )
 from modeldepot.hub.manifest import RemoteFile
+from modeldepot.modelcard import card_from_data
 from modeldepot.transfer.ranged import MAX_REDIRECTS, Attempt, Reply, request
 from modeldepot.validation import (
     MAX_TAGS,
@@ -228,6 +229,8 @@ def _checked(endpoint: str, repo_id: str, info: object) -> tuple[str, str, dict[
         "gated": gated,
         "private": bool(info.get("private")),
         **_weights_described(info),
+        # (the README's front matter, as the upstream read it: checked as a README's is)
+        **({"card_data": card} if (card := card_from_data(info.get("cardData"))) else {}),
     }
     return _spelling(repo_id, info.get("id")), commit_id, metadata, files
 

@@ -180,7 +180,9 @@ async def mirror_revision(
     (the scan is waited for briefly: see :meth:`UpstreamScans.manifest <modeldepot.mirror.scans.UpstreamScans.manifest>`)."""
     manifest = await upstream_manifest(request, repo_id, revision, held)
     check_public(request, manifest)
-    card = upstream_card(manifest.pipeline_tag, manifest.library_name, manifest.tags)
+    card = upstream_card(
+        manifest.pipeline_tag, manifest.library_name, manifest.tags, card_data=manifest.card_data
+    )
     return RevisionView(
         repo_id=manifest.repo_id,  # (the upstream's spelling: the Hub's id, whatever case it was asked in)
         commit_id=manifest.commit_id,

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from modeldepot.gitobjects import lfs_pointer
-from modeldepot.modelcard import FILE_TAGS, labels
+from modeldepot.modelcard import FILE_TAGS, UPSTREAM_TAGS, labels
 from modeldepot.server.ranges import ByteRange, parse_range
 from modeldepot.store import FileEntry, RepoSummary
 from modeldepot.validation import MAX_TAGS, is_commit_id, is_label
@@ -103,6 +103,7 @@ def hub_tags(card: dict[str, Any]) -> list[str]:
     (``safetensors``, ``gguf``, ``onnx``), pipeline tag, ``license:X``, ``base_model:X``, its languages and
     ``dataset:X`` (what ``filter`` matches on the Hub: ``filter="en"``, ``trained_dataset=``), each once."""
     tags = [
+        *_names(card.get(UPSTREAM_TAGS, [])),  # (a pulled repo's: as its upstream listed them)
         *_names(card.get("tags", [])),
         *_names(card.get("library_name")),
         *_names(card.get(FILE_TAGS, [])),
@@ -151,7 +152,7 @@ def model_info_body(view: RevisionView, blobs: bool) -> dict[str, Any]:
     for key in ("pipeline_tag", "library_name"):
         if view.card.get(key) and is_label(view.card[key]):
             body[key] = view.card[key]
-    card_data = {k: v for k, v in view.card.items() if k != FILE_TAGS}  # (the README's alone)
+    card_data = {k: v for k, v in view.card.items() if k not in (FILE_TAGS, UPSTREAM_TAGS)}  # (the README's)
     if card_data:
         body["cardData"] = card_data
     if blobs:
