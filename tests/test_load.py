@@ -529,6 +529,33 @@ def test_load_pulls_again_a_shared_file_found_corrupt_and_one_found_so_as_it_rea
             upstream.stop()
 
 
+def test_a_load_offline_is_not_stopped_by_a_corrupt_file_it_does_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quarantined shared file the engine never reads (a root tokenizer.json beside weights/) is no reason
+    to pull: counted as missing, it failed loads that worked offline, or with the upstream down (review 41)."""
+    weights = {"w": np.arange(4096, dtype=np.float32)}
+    source = tmp_path / "src"
+    (source / "weights").mkdir(parents=True)
+    save_file(weights, str(source / "weights" / "model.safetensors"))
+    (source / "tokenizer.json").write_text('{"version": "1.0"}')
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(source, "acme/st")
+        upstream = LiveNode(upstream_depot)
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+                local.pull("acme/st")
+                flip_byte(local.store.blobs.path(local.file_info("acme/st", "tokenizer.json").sha256), 3)
+                assert not local.verify().ok  # (quarantined, as a scrub finds it)
+        finally:
+            upstream.stop()
+    monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
+    with Depot(tmp_path / "local") as local:
+        assert np.array_equal(local.load("acme/st", engine="safetensors", warmup=0)["w"], weights["w"])
+
+
 def test_load_without_a_variant_pulls_the_one_it_loads(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

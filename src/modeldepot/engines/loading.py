@@ -261,9 +261,18 @@ def load_variant(
     except CorruptBlobError as corrupt:
         if offline or store.read_only or corrupt.sha256 in healed:
             raise
-        # Found corrupt as the load read it (quarantined now: a blob the check after a restart had not reached
-        # yet; a load failed or healed by that race, an explorer's trial): pulled again, once each
+        # A file the load read found corrupt (quarantined now): a blob the check after a restart had not reached
+        # yet, a shared file (a config torn by a power loss failed every load for good, where a model file was
+        # pulled again; a load failed or healed by the race with the check: an explorer's trial). Its files are
+        # pulled again, once each, and the load goes on; a pull that fails leaves the error as it was.
+        torn = tuple(f.path for f in files if f.sha256 == corrupt.sha256)
+        if not torn:
+            raise
         log.warning("%s@%s: %s: pulling it again", repo_id, commit_id[:12], corrupt)
+        try:
+            pull(repo_id, None, commit_id, lambda _manifest, _quant: torn)
+        except DepotError as failed:
+            raise corrupt from failed
         return load_variant(store, preloader, cache, pull, offline, repo_id, quant, revision, engine, warmups,
                             inputs, owner, file, healed | {corrupt.sha256})  # fmt: skip
 
@@ -362,9 +371,7 @@ def _lacking(
 ) -> list[str]:
     """The variant's own files that its commit's listing names and the store lacks (a cache adopted from
     an ``allow_patterns`` download, an interrupted pull): loaded without them, an ONNX model's external
-    data is a raw onnxruntime error; and the shared files it holds corrupt (quarantined: a config torn by a
-    power loss failed every load for good, where a torn model file was pulled again, an explorer's trial).
-    Nothing when the commit's listing is not known."""
+    data is a raw onnxruntime error. Nothing when the commit's listing is not known."""
     try:
         record = store.manifests.load(repo_id)
     except NotFoundError:
@@ -377,9 +384,10 @@ def _lacking(
         if quant
         else next((v for v in grouping.variants if v.name == "fp32"), None)
     )
+    if variant is None:
+        return []
     held = set(_held_paths(store, repo_id, commit_id))
-    corrupt = set(grouping.shared) & ({f.path for f in store.files(repo_id, commit_id)} - held)
-    return sorted((set() if variant is None else set(variant.files) - held) | corrupt)
+    return sorted(set(variant.files) - held)
 
 
 def saved_listing(store: Store, repo_id: str, commit_id: str) -> list[str] | None:
