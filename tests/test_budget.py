@@ -137,38 +137,43 @@ def test_the_least_recently_used_revision_goes_first_and_reads_count_as_uses(
     assert store_files_consistent(store) == []
 
 
-def test_uses_recorded_under_a_clock_set_back_since_keep_nothing_from_eviction(
+def test_uses_recorded_under_a_clock_set_back_since_neither_keep_a_model_nor_make_it_go_first(
     store: Depot, tmp_path: Path
 ) -> None:
-    """A box that booted with its clock a day ahead, then met NTP: every model used meanwhile had a last use
-    in the future, counted as used during every write since, and was never evicted (the store went over its
-    budget, `budget` saying 0 B kept), and the model just pulled went in its place (an explorer's trial on
-    an edge box). Such a time is no use; a use made since replaces it; the scrub takes such blobs as due."""
+    """A box that booted with its clock ahead, then met NTP: every model used meanwhile had a last use in the
+    future, counted as used during every write since, and was never evicted (the store went over its budget,
+    `budget` saying 0 B kept), and the model just pulled went in its place (an explorer's trial on an edge
+    box); taken as never used, they went before a model unused for a month (review 41). Such a use counts
+    as a minute ago; a use made since replaces it; the scrub takes blobs checked at such a time as due."""
     import sqlite3
 
-    for name in ("acme/a", "acme/b", "acme/c"):
+    from modeldepot.store.scrub import Scrubber
+
+    for name in ("acme/old", "acme/a", "acme/b"):
         store.import_dir(model(tmp_path, name), name)
         store.get_file(name, "config.json")
     store.store.access.flush()
-    with sqlite3.connect(store.store.layout.index_path) as con:  # (recorded a day ahead of the clock now)
-        con.execute("UPDATE access SET last_access = last_access + 86400")
-        con.execute("UPDATE revision_access SET last_access = last_access + 86400")
+    month = 30 * 86400
+    with sqlite3.connect(store.store.layout.index_path) as con:
+        for table in ("access", "revision_access"):  # (old: a month ago; a and b: an hour ahead)
+            con.execute(
+                f"UPDATE {table} SET last_access = last_access - ? WHERE repo_id = 'acme/old'", (month,)
+            )
+            con.execute(f"UPDATE {table} SET last_access = last_access + 3600 WHERE repo_id != 'acme/old'")
+        con.execute("UPDATE revisions SET created_at = created_at - ? WHERE repo_id = 'acme/old'", (month,))
         con.execute("UPDATE blobs SET created_at = created_at + 86400, verified_at = verified_at + 86400")
-    from modeldepot.store.scrub import Scrubber
-
     held = store.store.index.read("SELECT COUNT(*) FROM blobs WHERE state = 'ok'")[0][0]
     assert len(Scrubber(store.store).due(older_than=3600)) == held, "due: checked at a time ahead"
+    store.import_dir(model(tmp_path, "acme/c"), "acme/c")  # 4 MiB > 3.5 MiB: one must go
+    assert repos(store) == {"acme/a", "acme/b", "acme/c"}, "the month-old one, not those used an hour ahead"
     store.get_file("acme/a", "config.json")  # a use now (the clock right again)
     store.store.access.flush()
-    store.import_dir(model(tmp_path, "acme/d"), "acme/d")  # 4 MiB > 3.5 MiB: one must go
-    # (b's and c's uses are a day ahead: none, each counts from its import, b's the older; a was used now)
-    assert repos(store) == {"acme/a", "acme/c", "acme/d"}
-    ahead = time.time() + 3600
-    assert not store.store.index.read(
-        "SELECT 1 FROM access WHERE repo_id = 'acme/a' AND last_access > ?", (ahead,)
-    )
+    store.import_dir(model(tmp_path, "acme/d"), "acme/d")
+    assert repos(store) == {"acme/a", "acme/c", "acme/d"}, "b's use, an hour ahead, keeps it no longer"
     status = store.budget_status()
-    assert status.used_bytes <= status.max_bytes and status.evictions == 1
+    assert status.used_bytes <= status.max_bytes and status.evictions == 2
+    ahead = time.time() + 60
+    assert not store.store.index.read("SELECT 1 FROM access WHERE last_access > ?", (ahead,)), "set back"
 
 
 def test_a_preload_counts_as_a_use(store: Depot, tmp_path: Path) -> None:

@@ -173,8 +173,10 @@ class AccessLog:
     def _write(self, pending: dict[tuple[str, str], tuple[int, float]],
                revisions: dict[tuple[str, str], float]) -> None:  # fmt: skip
         # (a last use ahead of the clock, by more than CLOCK_SLACK, was recorded under a clock set back since:
-        # the new one replaces it, or the model kept a time in the future until the clock caught up with it)
-        ahead = time.time() + CLOCK_SLACK
+        # the new one replaces it, or the model kept a time in the future until the clock caught up with it;
+        # the others are set to a minute ago, to age from here: store/eviction.py)
+        now = time.time()
+        ahead = now + CLOCK_SLACK
         latest = "CASE WHEN last_access > ? THEN excluded.last_access ELSE MAX(last_access, excluded.last_access) END"
         with self.index.write("recording model accesses") as con:
             con.executemany(
@@ -187,6 +189,8 @@ class AccessLog:
                 f"ON CONFLICT (repo_id, commit_id) DO UPDATE SET last_access = {latest}",
                 [(repo, commit, last, ahead) for (repo, commit), last in revisions.items()],
             )
+            for table in ("access", "revision_access"):
+                con.execute(f"UPDATE {table} SET last_access = ? WHERE last_access > ?", (now - CLOCK_SLACK, ahead))
 
     def last_uses(self) -> dict[str, float]:
         """Each repo's last use, as the disk budget evicts by it (an import or a pull marks one, uncounted)."""

@@ -62,11 +62,13 @@ class Kept:
 
 def _in_the_past() -> Callable[[float], float]:
     """A recorded time as eviction counts it: one ahead of the clock now (by more than CLOCK_SLACK) was taken
-    under a clock that has been set back since (a box that booted with its clock ahead, then met NTP) and
-    says nothing: 0, as if never used. Taken at its word, each such model counted as used during every write
-    after it, was never evicted, and the model just pulled went in its place (an explorer's trial)."""
+    under a clock that has been set back since (a box that booted with its clock ahead, then met NTP): a
+    minute ago, recent but before any write now under way. Taken at its word, each such model counted as
+    used during every write after it, was never evicted, and the model just pulled went in its place (an
+    explorer's trial); taken as never used, the box's working set went before models unused for a month
+    (review 41). The next record of uses sets such times to the moment it is noticed (store/access.py)."""
     now = time.time()
-    return lambda recorded: recorded if recorded <= now + CLOCK_SLACK else 0.0
+    return lambda recorded: recorded if recorded <= now + CLOCK_SLACK else now - CLOCK_SLACK
 
 
 class EvictionOrder:
