@@ -420,6 +420,36 @@ def test_a_failed_publish_of_content_a_kept_snapshot_names_leaves_its_blob(
         assert bytes(depot.get_file("acme/second", "weights.bin")) == weights
 
 
+def test_a_failed_import_by_link_over_a_file_of_the_blobs_name_gives_the_users_file_its_mode_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes placed over a file of their name stay when a publish fails (above); a user's file linked in by
+    `import --link` is no store's bytes: kept, it stayed read-only for good (review 41). It goes as before."""
+    import shutil
+    import stat
+
+    from modeldepot.store import publish
+
+    weights = os.urandom(300_000)
+    with Depot(tmp_path / "store") as depot:
+        depot.import_dir(write_model_dir(tmp_path / "first", {"weights.bin": weights}), "acme/first")
+        blob = depot.store.blobs.path(depot.file_info("acme/first", "weights.bin").sha256)
+        shutil.copy(blob, tmp_path / "saved")
+        depot.remove("acme/first")
+        shutil.copy(tmp_path / "saved", blob)  # (a file of the blob's name, no row names it)
+        user = write_model_dir(tmp_path / "mine", {"weights.bin": weights})
+        mode = stat.S_IMODE(os.stat(user / "weights.bin").st_mode)
+
+        def failing(*args: object, **kwargs: object) -> None:
+            raise StoreError("the index refused the revision")
+
+        monkeypatch.setattr(publish, "_commit", failing)
+        with pytest.raises(StoreError, match="refused"):
+            depot.import_dir(user, "acme/mine", link=True)
+        monkeypatch.undo()
+        assert stat.S_IMODE(os.stat(user / "weights.bin").st_mode) == mode
+
+
 def test_a_snapshot_rebuilt_as_its_revision_is_removed_is_not_left_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

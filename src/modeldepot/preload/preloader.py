@@ -303,7 +303,8 @@ class Preloader:
         # Closed: what it loads is freed, not kept (a Depot closed while a preload ran held its memfd copy,
         # 100 MiB of RAM, for the life of the process: a trial)
         self._closed = threading.Event()
-        self._auto_top = 0  # the last auto_preload's count of models (preload_again_after_repair)
+        # The models auto_preload skipped as corrupt (repo, quant): preloaded once repaired
+        self._skipped_corrupt: list[tuple[str, str | None]] = []
         # (the models of handles collected unreleased, let go of at the next call: _release_dropped)
         self._dropped: collections.deque[_Model] = collections.deque()
         # A depot's: what it holds counts as in use there, and what another process removed goes at the next
@@ -536,13 +537,28 @@ class Preloader:
         return started
 
     def preload_again_after_repair(self) -> None:
-        """Run the last :meth:`auto_preload` again, in the background (what it holds stays, a hit): a model
-        it skipped as corrupt, repaired now (``serve --repair``), is preloaded as it would have been (after a
-        power loss, the most used model stayed out of RAM until the next restart: an explorer's trial)."""
-        top_n = self._auto_top
-        if top_n and not self._closed.is_set():
-            with contextlib.suppress(DepotError):
-                self.auto_preload_in_background(top_n)
+        """Preload, in the background, the models :meth:`auto_preload` skipped as corrupt: repaired now
+        (``serve --repair``), each goes in as it would have (after a power loss, the most used model stayed
+        out of RAM until the next restart: an explorer's trial). Those alone: the whole top again undid
+        what the operator had preloaded or unloaded since (review 41). One still corrupt is skipped again."""
+        with self._lock:
+            skipped, self._skipped_corrupt = self._skipped_corrupt, []
+        if skipped and not self._closed.is_set():
+            with contextlib.suppress(DepotError, RuntimeError):  # (RuntimeError: the pool, closed meanwhile)
+                self._pool.submit(self._preload_skipped, skipped).add_done_callback(_said_if_failed)
+
+    def _preload_skipped(self, skipped: list[tuple[str, str | None]]) -> list[PreloadInfo]:
+        done = []
+        for repo_id, quant in skipped:
+            try:
+                done.append(self.preload(repo_id, quant))
+            except (NotFoundError, InvalidInputError) as error:
+                log.info("not preloading %s: %s", repo_id, error)
+            except CorruptBlobError as error:
+                with self._lock:
+                    self._skipped_corrupt.append((repo_id, quant))
+                log.warning("not preloading %s%s now: %s", repo_id, f" ({quant})" if quant else "", error)
+        return done
 
     def auto_preload(self, top_n: int) -> list[PreloadInfo]:
         """Preload the ``top_n`` most used models (by recorded accesses) that fit the budget together, the
@@ -550,7 +566,6 @@ class Preloader:
         are skipped. (Preloaded in turn, most used first, each evicted the least recently preloaded: with
         room for two of three, the most used went, a trial.) Returns them, most used first."""
         _check_model_count(top_n)
-        self._auto_top = top_n
         chosen: list[tuple[str, str | None]] = []
         room = self.budget
         for access in self.store.access.top(top_n * 4 + 20, in_store=True):
@@ -575,9 +590,9 @@ class Preloader:
                 done.insert(0, self.preload(repo_id, quant))
             except (NotFoundError, InvalidInputError) as error:  # (removed meanwhile)
                 log.info("not preloading %s: %s", repo_id, error)
-            except (
-                CorruptBlobError
-            ) as error:  # (the others are preloaded all the same: it stopped them, a trial)
+            except CorruptBlobError as error:  # (the others go in all the same: it stopped them, a trial)
+                with self._lock:
+                    self._skipped_corrupt.append((repo_id, quant))
                 log.warning("not preloading %s%s now: %s", repo_id, f" ({quant})" if quant else "", error)
         if not done:  # (it said it would preload, then nothing: a README walk)
             log.info("preloaded nothing: no model in the store was used yet (a use: a load, a read or a download "

@@ -190,7 +190,9 @@ class AccessLog:
                 [(repo, commit, last, ahead) for (repo, commit), last in revisions.items()],
             )
             for table in ("access", "revision_access"):
-                con.execute(f"UPDATE {table} SET last_access = ? WHERE last_access > ?", (now - CLOCK_SLACK, ahead))
+                con.execute(
+                    f"UPDATE {table} SET last_access = ? WHERE last_access > ?", (now - CLOCK_SLACK, ahead)
+                )
 
     def last_uses(self) -> dict[str, float]:
         """Each repo's last use, as the disk budget evicts by it (an import or a pull marks one, uncounted)."""

@@ -186,8 +186,10 @@ def publish(
                     if partial.changed_since_hashed():  # (a linked file written since: see importer)
                         raise SourceDirectoryError(f"{partial.linked_from} changed after it was hashed "
                                                    "(something still writes it): import it again once it is written")  # fmt: skip
-                    if store.blobs.path(sha256).exists():
-                        over.add(sha256)
+                    if store.blobs.path(sha256).exists() and partial.linked_source() is None:
+                        over.add(
+                            sha256
+                        )  # (not a user's file linked in: its mode comes back as before, review 41)
                     store.blobs.place(partial, sha256, durable=not store.durability.deferred)
                     placed.append(sha256)
             linked = {
