@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from modeldepot.errors import BlobRemovedError, CorruptBlobError
-from modeldepot.store.access import CLOCK_SLACK
 from modeldepot.store.maintenance import files_using
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.store import Store
@@ -61,17 +60,13 @@ class Scrubber:
 
     def due(self, older_than: float) -> list[BlobRecord]:
         """Servable blobs last checked (or written: every blob is verified on its way in) more than
-        ``older_than`` seconds ago, oldest first; and those checked at a time ahead of the clock now (under a
-        clock set back since: they were not due again until the clock caught up, a scrub that stopped
-        guarding them, an explorer's trial)."""
-        now = self._wall()
+        ``older_than`` seconds ago, oldest first."""
         rows = self.store.index.read(
             "SELECT sha256, size, chunk_size FROM blobs WHERE state = 'ok' "
-            "AND (COALESCE(verified_at, created_at) <= ? OR COALESCE(verified_at, created_at) > ?) "
-            "ORDER BY COALESCE(verified_at, created_at) > ? DESC, COALESCE(verified_at, created_at), sha256",
-            (now - older_than, now + CLOCK_SLACK, now + CLOCK_SLACK),
+            "AND COALESCE(verified_at, created_at) <= ? ORDER BY COALESCE(verified_at, created_at), sha256",
+            (self._wall() - older_than,),
         )
-        since = now - older_than  # (a read-only store's checks are this process's memory)
+        since = self._wall() - older_than  # (a read-only store's checks are this process's memory)
         return [BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows
                 if self.store.last_verified(r["sha256"]) <= since]  # fmt: skip
 
