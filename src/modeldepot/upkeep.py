@@ -100,12 +100,19 @@ class Upkeep:
         return verify(self.store, repo_id, progress)
 
     def broken_files(self) -> dict[tuple[str, str], tuple[str, ...]]:
-        """The files of the store whose blob failed verification (quarantined: listed, never served), by
-        (repo, commit): what :meth:`repair` fetches again."""
+        """The files of the store whose blob failed verification (quarantined: listed, never served; on a
+        read-only store, those this process refuses, kept in place), by (repo, commit): what :meth:`repair`
+        fetches again."""
         rows = self.store.index.read(
             "SELECT repo_id, commit_id, path FROM files WHERE sha256 IN (SELECT sha256 FROM blobs WHERE state != "
             "'ok') ORDER BY repo_id, commit_id, path"
         )
+        refused = sorted(self.store.refused_blobs())
+        for start in range(0, len(refused), 500):  # (SQLite's bound on parameters)
+            part = refused[start : start + 500]
+            rows += self.store.index.read(
+                f"SELECT repo_id, commit_id, path FROM files WHERE sha256 IN ({','.join('?' * len(part))}) "
+                "ORDER BY repo_id, commit_id, path", tuple(part))  # fmt: skip
         broken: dict[tuple[str, str], list[str]] = {}
         for row in rows:
             broken.setdefault((row["repo_id"], row["commit_id"]), []).append(row["path"])

@@ -450,8 +450,11 @@ def sync_command(depot: Depot, as_json: bool) -> None:
     if corrupt:
         if not as_json:
             shown = ", ".join(corrupt[:3]) + (f" and {len(corrupt) - 3} more" if len(corrupt) > 3 else "")
-            render.err.print(f"[red]corrupt:[/red] {render.count(len(corrupt), 'file')} (quarantined, never "
-                             f"served): {escape(shown)}; `modeldepot verify --repair` fetches them again")  # fmt: skip
+            fix = ("fetch them again where the store is writable (`modeldepot verify --repair` there)"
+                   if depot.store.read_only else "`modeldepot verify --repair` fetches them again (a repo imported "
+                   "from a folder: import it again)")  # fmt: skip
+            render.err.print(f"[red]corrupt:[/red] {render.count(len(corrupt), 'file')} (never served): "
+                             f"{escape(shown)}; {fix}")  # fmt: skip
         sys.exit(EXIT_FAILURE)
 
 

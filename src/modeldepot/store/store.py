@@ -467,6 +467,10 @@ class Store:
         refused = self._refused.get(sha256)
         return refused is not None and self.placement(sha256) == refused
 
+    def refused_blobs(self) -> set[str]:
+        """(A read-only store.) The blobs this process refuses (found corrupt, kept in place)."""
+        return {sha256 for sha256 in tuple(self._refused) if self.refused(sha256)}
+
     def _refuse_if_found_corrupt(self, sha256: str) -> None:
         """(A read-only store.) A blob this process found corrupt stays in place: it is never handed out."""
         refused = self._refused.get(sha256)
@@ -624,7 +628,7 @@ class Store:
                 rows += self.index.read("SELECT sha256, size, chunk_size FROM blobs WHERE state = 'ok' AND sha256 "
                                         f"IN ({','.join('?' * len(part))})", tuple(part))  # fmt: skip
         # (not those this process refuses, on a read-only store: the fleet asked a node for them, and got 503s)
-        refused = {sha256 for sha256 in tuple(self._refused) if self.refused(sha256)}
+        refused = self.refused_blobs()
         return [
             BlobRecord(r["sha256"], r["size"], r["chunk_size"]) for r in rows if r["sha256"] not in refused
         ]
