@@ -736,6 +736,11 @@ def test_a_mirror_gives_the_parameters_of_a_branch_it_holds_as_of_its_commit(
             api = HfApi(endpoint=mirror.url)
             said = api.model_info(REPO).safetensors
             assert said is not None and (said.parameters, said.total) == ({"F32": 32}, 32), "the upstream's"
+            hf_hub_download(REPO, "config.json", cache_dir=client_env, endpoint=mirror.url)  # (held in part)
+            commit = api.model_info(REPO).sha
+            assert commit is not None and api.model_info(REPO, revision=commit).safetensors == said, (
+                "by commit"
+            )
             assert not mirror.depot.has_file(REPO, "model.safetensors")
             snapshot_download(REPO, cache_dir=client_env, endpoint=mirror.url)
             by_branch = api.model_info(REPO).safetensors

@@ -25,6 +25,7 @@ __all__ = [
     "RemoteFile",
     "Variant",
     "current_manifest",
+    "described_weights",
     "held_manifest",
     "holds_whole",
     "lost_since",
@@ -191,6 +192,19 @@ PART_OF_COMMIT = "part_of_commit"  # a saved scan's mark: the files a node held 
 def is_part_of_commit(record: ManifestRecord) -> bool:
     """Whether a saved scan lists a node's part of its commit (:func:`save_scan`), not the commit."""
     return PART_OF_COMMIT in record.body[:40] and bool(json.loads(record.body).get(PART_OF_COMMIT))
+
+
+def described_weights(store: Store, repo_id: str, commit_id: str) -> dict[str, Any]:
+    """The upstream's ``safetensors`` and ``gguf`` of a commit, as the repo's saved scan of it has them (none
+    when the scan is of another commit, or there is none)."""
+    try:
+        record = store.manifests.load(repo_id)
+    except NotFoundError:
+        return {}
+    if record.commit_id != commit_id or ('"safetensors"' not in record.body and '"gguf"' not in record.body):
+        return {}
+    info = json.loads(record.body).get("info") or {}
+    return {name: info[name] for name in ("safetensors", "gguf") if isinstance(info.get(name), dict)}
 
 
 def listed_files(record: ManifestRecord) -> tuple[RemoteFile, ...]:

@@ -32,6 +32,7 @@ from modeldepot.errors import (
 )
 from modeldepot.gitobjects import TreeEntry, lfs_pointer, tree_oids
 from modeldepot.hfcache.cache import ORIGIN as HF_CACHE_ORIGIN
+from modeldepot.hub.manifest import described_weights
 from modeldepot.hub.scan import HELD_ONLY_HEADER, PART_OF_COMMIT_HEADER
 from modeldepot.server.commit_cache import COMMITS, CommitCache
 from modeldepot.server.context import DEPOT, hidden_repo, is_authorized, path_matches, path_repo, request_url
@@ -270,7 +271,10 @@ async def model_info(request: web.Request) -> web.Response:
         )
     if not expand or "gguf" in expand:
         derived["gguf"] = await asyncio.to_thread(gguf_info, store, view.repo_id, view.commit_id)
-    derived = {name: value or view.weights_described.get(name) for name, value in derived.items()}
+    described = view.weights_described
+    if not described and not all(derived.values()):  # (a revision held in part, asked by its commit id)
+        described = await asyncio.to_thread(described_weights, store, view.repo_id, view.commit_id)
+    derived = {name: value or described.get(name) for name, value in derived.items()}
     derived = {name: value for name, value in derived.items() if value}
     # A commit held in part without its listing (adopted from a Hugging Face cache) is listed as the files
     # held, all a node can give; a depot pulling from it is told, and asks its other sources for the commit
