@@ -519,19 +519,19 @@ class BlobFiles:
         fsync_dir(target.parent)
         return target
 
-    def drop_quarantined(self, sha256s: Collection[str] | None) -> int:
+    def drop_quarantined(self, sha256s: Collection[str]) -> int:
         """Delete the quarantined copies of blobs placed good again (a pull or an import restored them): a
         failing disk's corrupt copies stayed until `gc`, a repaired node's disk holding twice what every
-        figure said (an explorer's trial); None: every copy (the disk needs their room). Returns the bytes
-        freed (none of a copy another name links: an `import --link` folder's file)."""
-        wanted = None if sha256s is None else set(sha256s)
+        figure said (an explorer's trial). Returns the bytes freed (none of a copy another name links: an
+        `import --link` folder's file)."""
+        wanted = set(sha256s)
         try:
-            names = os.listdir(self.layout.quarantine) if wanted is None or wanted else []
+            names = os.listdir(self.layout.quarantine) if wanted else []
         except OSError:
             return 0
         freed = 0
         for name in names:
-            if wanted is not None and name.split(".", 1)[0] not in wanted:
+            if name.split(".", 1)[0] not in wanted:
                 continue
             path = self.layout.quarantine / name
             try:

@@ -55,6 +55,7 @@ __all__ = [
     "RemoveResult",
     "StoreTotals",
     "disk_usage",
+    "drop_quarantine",
     "gc",
     "partial_bytes",
     "quarantine_bytes",
@@ -825,6 +826,21 @@ def _allocated(entry: Path) -> int:
             found = path.lstat()
             total += found.st_blocks * 512 if found.st_nlink == 1 else 0
     return total
+
+
+def drop_quarantine(store: Store) -> int:
+    """Delete every quarantined file, as gc does (a user's linked file gets its mode back, its record goes);
+    the bytes freed. For a disk short of room: it needs theirs more than anyone needs a corrupt copy."""
+    with store.lock.exclusive():
+        quarantined = _files_under(store.layout.quarantine)
+        digests = sorted({path.name.split(".", 1)[0] for path in quarantined})
+        good: set[str] = set()
+        for start in range(0, len(digests), 500):  # (SQLite's bound on parameters)
+            part = digests[start : start + 500]
+            good.update(row[0] for row in store.index.read(
+                f"SELECT sha256 FROM blobs WHERE state = 'ok' AND sha256 IN ({','.join('?' * len(part))})",
+                tuple(part)))  # fmt: skip
+        return _delete_quarantined(store, quarantined, good)[0] if quarantined else 0
 
 
 def _delete_quarantined(

@@ -229,7 +229,9 @@ def _free_quarantine(store: Store, sizes: dict[str, int], short: int, doing: str
     needs theirs more than anyone needs a corrupt copy (after a power loss the torn copy of a model kept the
     room its own pull needed, every repair and pull failed for good, until a human ran `gc`: an explorer's
     trial)."""
-    freed = store.blobs.drop_quarantined(None)
+    from modeldepot.store.maintenance import drop_quarantine
+
+    freed = drop_quarantine(store)
     if not freed:
         return short
     log.warning("%s: the disk lacks room: deleted %s of corrupt copies kept in quarantine/", doing,
