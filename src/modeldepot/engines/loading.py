@@ -242,7 +242,8 @@ def load_variant(
     named = next((v for v in grouping.variants if chosen in v.files), None) or (
         grouping.find(quant) if quant else None
     )
-    store.access.record(repo_id, named.name if named is not None else quant, commit_id=commit_id)
+    if not healed:  # (a load tried again after a heal is the same use: counted once, review 41)
+        store.access.record(repo_id, named.name if named is not None else quant, commit_id=commit_id)
     # What it takes in memory, about: the model file and what is loaded with it (its external data, its
     # shards), for the cache's memory budget to make room before the load (the process's growth measured
     # over a load said 190 MiB of a 22 MiB model whose engine was imported then, 0.8 MiB of a mapped one).
