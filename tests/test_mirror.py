@@ -758,7 +758,8 @@ def test_a_mirrored_or_pulled_repo_has_its_upstreams_card_data(
 ) -> None:
     """A mirror's card, and a pulled store's, was made of the upstream's tags alone: `card_data.language` and
     `datasets` were None, `model-index` gone, and `en`, `dataset:x` in the card's own tags (an explorer's
-    trial). The upstream's `cardData` is kept (checked), its tags listed as it listed them."""
+    trial). The upstream's `cardData` is kept (checked), its tags listed as it listed them; and a mirror
+    gives the upstream's times."""
     from huggingface_hub import HfApi
 
     readme = (
@@ -769,6 +770,8 @@ def test_a_mirrored_or_pulled_repo_has_its_upstreams_card_data(
         upstream_depot.import_dir(
             write_model_dir(tmp_path / "src", {**FILES, "README.md": readme.encode()}), REPO
         )
+        with upstream_depot.store.index.write("made a day old") as con:  # (a time no scan could say)
+            con.execute("UPDATE repos SET created_at = created_at - 86400, updated_at = updated_at - 86400")
         node = LiveNode(upstream_depot)
         mirror = mirror_node(tmp_path, node.url, monkeypatch)
         try:
@@ -788,6 +791,12 @@ def test_a_mirrored_or_pulled_repo_has_its_upstreams_card_data(
                             {"name": "m", "results": []}
                         ]
                         assert info.tags == there.tags, served
+                    # (its scan's time was said instead: an unchanged repo seemed to change at every scan)
+                    through = HfApi(endpoint=mirror.url).model_info(REPO)
+                    assert (through.created_at, through.last_modified) == (
+                        there.created_at,
+                        there.last_modified,
+                    )
                 finally:
                     copy.stop()
         finally:

@@ -84,6 +84,8 @@ class Manifest:
     # The upstream's ``safetensors`` and ``gguf`` properties of the commit, as its scan said them (validated)
     weights_described: dict[str, Any] = field(default_factory=dict)
     card_data: dict[str, Any] = field(default_factory=dict)  # the upstream's ``cardData`` (checked)
+    created_at: float | None = None  # the repo's creation and last change, as the upstream said them
+    modified_at: float | None = None
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -288,6 +290,8 @@ def manifest_from_record(
         private=bool(info.get("private", False)),
         weights_described={name: info[name] for name in ("safetensors", "gguf") if info.get(name)},
         card_data=info.get("card_data") or {},
+        created_at=info.get("created_at"),
+        modified_at=info.get("modified_at"),
     )
 
 

@@ -11,9 +11,11 @@ is followed. The answer is bounded before it is parsed, and every value in it va
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import sys
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -231,6 +233,12 @@ def _checked(endpoint: str, repo_id: str, info: object) -> tuple[str, str, dict[
         **_weights_described(info),
         # (the README's front matter, as the upstream read it: checked as a README's is)
         **({"card_data": card} if (card := card_from_data(info.get("cardData"))) else {}),
+        # (a mirror's description of a repo it had not pulled said it changed at every scan: an explorer's trial)
+        **{
+            ours: when
+            for theirs, ours in (("createdAt", "created_at"), ("lastModified", "modified_at"))
+            if (when := _time(info.get(theirs))) is not None
+        },
     }
     return _spelling(repo_id, info.get("id")), commit_id, metadata, files
 
@@ -273,6 +281,21 @@ def _weights_described(info: dict[str, Any]) -> dict[str, Any]:
                 gguf[name] = text
         found["gguf"] = gguf
     return found
+
+
+def _time(value: object) -> float | None:
+    """An upstream's ISO 8601 time (``2024-05-01T12:00:00.000Z``) as a timestamp; None when it is none, or
+    not a plausible one (it is descriptive only: never a reason to refuse a repo)."""
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    stamp = when.timestamp()
+    return stamp if 0 < stamp < time.time() + 86400 else None
 
 
 def _is_count(value: object) -> bool:

@@ -190,8 +190,9 @@ async def mirror_revision(
         private=manifest.private,
         gated=manifest.gated,
         card=card,
-        created_at=manifest.scanned_at,
-        updated_at=manifest.scanned_at,
-        committed_at=manifest.scanned_at,
+        # (the upstream's times: its scan's, a repo unchanged seemed changed at every scan, an explorer's trial)
+        created_at=manifest.created_at or manifest.scanned_at,
+        updated_at=manifest.modified_at or manifest.scanned_at,
+        committed_at=manifest.modified_at or manifest.scanned_at,
         weights_described=manifest.weights_described,
     )
