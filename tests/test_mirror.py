@@ -805,6 +805,27 @@ def test_a_mirrored_or_pulled_repo_has_its_upstreams_card_data(
             mirror.depot.close()
 
 
+def test_an_open_mirror_sends_its_upstream_a_token_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path
+) -> None:
+    """MODELDEPOT_TOKEN was both what a mirror sent its upstream and what its own clients had to send: an
+    open mirror of a node that takes a token could not be (every CI job behind it was given the upstream's
+    token: an explorer's trial). MODELDEPOT_UPSTREAM_TOKEN goes to the upstream alone."""
+    monkeypatch.delenv("MODELDEPOT_TOKEN", raising=False)
+    monkeypatch.setenv("MODELDEPOT_UPSTREAM_TOKEN", "upstream-secret")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        node = LiveNode(upstream_depot, token="upstream-secret")
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)  # (no token of its own: open)
+        try:
+            got = hf_hub_download(REPO, BIG, cache_dir=client_env, endpoint=mirror.url, token=False)
+            assert Path(got).read_bytes() == FILES[BIG]
+            assert requests.get(f"{node.url}/{REPO}/resolve/main/config.json", timeout=30).status_code == 401
+        finally:
+            mirror.stop()
+            node.stop()
+
+
 def test_a_mirror_lists_the_refs_of_a_repo_it_has_not_pulled_in_the_upstreams_spelling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

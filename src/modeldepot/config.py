@@ -182,6 +182,17 @@ def node_token(env: Mapping[str, str]) -> str | None:
     return token or None
 
 
+def _upstream_token(env: Mapping[str, str]) -> str | None:
+    """``MODELDEPOT_UPSTREAM_TOKEN``: the token for the depot nodes of MODELDEPOT_SERVERS alone."""
+    token = env.get("MODELDEPOT_UPSTREAM_TOKEN")
+    if token is None:
+        return None
+    if not token.strip() or not all("!" <= c <= "~" for c in token):
+        raise ConfigError("MODELDEPOT_UPSTREAM_TOKEN must be a token (printable ASCII, no space): unset it to "
+                          "send MODELDEPOT_TOKEN to the upstream nodes")  # fmt: skip
+    return token
+
+
 def cluster_credentials(env: Mapping[str, str]) -> tuple[str, str] | None:
     """The user and password a node gives the fleet's etcd when etcd's authentication is on
     (``MODELDEPOT_CLUSTER_USER`` with ``MODELDEPOT_CLUSTER_PASSWORD``, or ``MODELDEPOT_CLUSTER_PASSWORD_FILE``:
@@ -346,6 +357,10 @@ class DepotConfig:
     offline: bool = False
     servers: tuple[str, ...] = ()  # depot nodes asked before the Hub, in order (MODELDEPOT_SERVERS)
     node_token: str | None = field(default=None, repr=False)  # sent to depot nodes only (MODELDEPOT_TOKEN)
+    # Sent to the depot nodes of ``servers`` (a mirror's --upstream) in place of ``node_token``: an open mirror
+    # in front of a node that takes a token (MODELDEPOT_UPSTREAM_TOKEN; one token for both ways spread the
+    # upstream's to every client of the mirror, an explorer's trial)
+    upstream_token: str | None = field(default=None, repr=False)
     connections: int = 16  # parallel requests of one transfer, in total (MODELDEPOT_CONNECTIONS)
     connections_per_source: int = 4
     read_timeout: float = 30.0  # seconds without a byte before a retry (MODELDEPOT_READ_TIMEOUT)
@@ -427,6 +442,7 @@ class DepotConfig:
             offline=_flag_setting(env, "MODELDEPOT_OFFLINE") or truthy(env.get("HF_HUB_OFFLINE")),
             servers=servers,
             node_token=node_token(env),
+            upstream_token=_upstream_token(env),
             connections=connections,
             connections_per_source=per_source,
             read_timeout=_float_setting(env, "MODELDEPOT_READ_TIMEOUT", 30.0),
@@ -592,7 +608,7 @@ KNOWN_VARIABLES = frozenset({
     "MODELDEPOT_PRELOAD_BUDGET", "MODELDEPOT_PRELOAD_STRATEGY", "MODELDEPOT_READ_TIMEOUT",
     "MODELDEPOT_REPAIR", "MODELDEPOT_SCRUB_INTERVAL", "MODELDEPOT_SCRUB_RATE", "MODELDEPOT_SEND_TIMEOUT",
     "MODELDEPOT_SERVERS", "MODELDEPOT_SHARED", "MODELDEPOT_SHUTDOWN_GRACE", "MODELDEPOT_SLOW_PEER_RATE", "MODELDEPOT_TOKEN",
-    "MODELDEPOT_TOKEN_FILE",
+    "MODELDEPOT_TOKEN_FILE", "MODELDEPOT_UPSTREAM_TOKEN",
 })  # fmt: skip
 
 

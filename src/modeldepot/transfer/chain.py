@@ -187,7 +187,8 @@ class SourceChain:
         check_upstream_urls(config)
         return cls(
             servers=tuple(
-                HttpSource(url, "node", config.node_token, retry, download_limit) for url in config.servers
+                HttpSource(url, "node", config.upstream_token or config.node_token, retry, download_limit)
+                for url in config.servers
             ),
             hub=HttpSource(config.hub_endpoint, "hub", hub_token_, retry, download_limit),
             fleet=fleet,
