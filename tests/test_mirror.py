@@ -1192,6 +1192,36 @@ def test_a_repo_the_upstream_no_longer_shows_is_served_behind_the_token_alone(
             node.stop()
 
 
+def test_a_branch_the_upstream_deleted_is_not_served_from_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A branch removed upstream (it named a bad model) answered RevisionNotFound there, and the mirror, once
+    it had held it, served its old commit for good (an explorer's trial); a file removed upstream, or a
+    whole repo, it stopped serving. The commit stays the mirror's to serve by its id."""
+    monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        commit = upstream_depot.import_dir(
+            write_model_dir(tmp_path / "bad", {"config.json": b'{"bad": true}'}), REPO, "bad"
+        ).commit_id
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            assert requests.get(f"{mirror.url}/{REPO}/resolve/bad/config.json", timeout=30).status_code == 200
+            upstream_depot.remove(REPO, revision="bad")
+            for path in (f"/{REPO}/resolve/bad/config.json", f"/api/models/{REPO}/revision/bad"):
+                answer = requests.get(mirror.url + path, timeout=30)
+                assert (answer.status_code, answer.headers.get("X-Error-Code")) == (
+                    404,
+                    "RevisionNotFound",
+                ), path
+            by_commit = requests.get(f"{mirror.url}/{REPO}/resolve/{commit}/config.json", timeout=30)
+            assert by_commit.status_code == 200 and by_commit.content == b'{"bad": true}'
+        finally:
+            mirror.stop()
+            node.stop()
+
+
 @pytest.mark.parametrize("fetched", ["main", "dev"])
 def test_a_branch_a_client_fetched_by_commit_id_is_answered_by_the_store_in_an_outage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path, fetched: str

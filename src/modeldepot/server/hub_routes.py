@@ -228,6 +228,10 @@ async def _revision_view(request: web.Request, repo_id: str, revision: str) -> R
             return await mirror_revision(request, repo_id, revision, held)
         except PrivateUpstream:
             raise  # (the store must not answer in its place)
+        except RevisionNotFoundError as error:
+            if not is_commit_id(revision):
+                raise  # (a branch the upstream deleted: the store's old ref must not answer, as for a file)
+            upstream_error = error
         except (UpstreamError, NotFoundError) as error:
             upstream_error = error  # the store may still hold it
     try:
@@ -581,6 +585,12 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             # The upstream answered: its commit for the revision has no such file (removed there). The store's
             # older commit must not answer: a client would mix two commits (its refs/main moved back).
             raise
+        except RevisionNotFoundError as error:
+            # (a branch the upstream deleted, as a bad model's is: the mirror served its old commit for good,
+            # an explorer's trial; a commit id it holds stays its to answer)
+            if not is_commit_id(revision):
+                raise
+            upstream_error = error
         except (UpstreamError, NotFoundError) as error:
             upstream_error = error  # the store may still hold it
         else:  # the upstream's commit: from the store when it holds the file, else pulled while served
