@@ -4,6 +4,7 @@ pulled through the chain when missing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -486,6 +487,21 @@ def test_load_pulls_again_a_file_found_corrupt(
         assert local.verify().ok
 
 
+@contextlib.contextmanager
+def a_pulled_copy(tmp_path: Path, source: Path, repo_id: str) -> Iterator[tuple[str, Depot]]:
+    """A node serving ``source`` as ``repo_id``, and a store (``tmp_path / "local"``, open) that pulled it from
+    there: (the node's URL, the store)."""
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(source, repo_id)
+        upstream = LiveNode(upstream_depot)
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+                local.pull(repo_id)
+                yield upstream.url, local
+        finally:
+            upstream.stop()
+
+
 @pytest.mark.parametrize("found", ["a shared file scrubbed", "files torn by a power loss, read unchecked"])
 def test_load_pulls_again_a_shared_file_found_corrupt_and_one_found_so_as_it_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, found: str
@@ -505,28 +521,20 @@ def test_load_pulls_again_a_shared_file_found_corrupt_and_one_found_so_as_it_rea
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("MODELDEPOT_BOOT_ID", "before")
     monkeypatch.setattr(durability.Durability, "_start", lambda self: None)  # (no background flush nor check)
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(source, "acme/st")
-        upstream = LiveNode(upstream_depot)
-        try:
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
-                local.pull("acme/st")
-                torn = (
-                    ["config.json"] if found.startswith("a shared") else ["config.json", "model.safetensors"]
-                )
-                for path in torn:
-                    flip_byte(local.store.blobs.path(local.file_info("acme/st", path).sha256), 10)
-                if found.startswith("a shared"):
-                    assert not local.verify().ok  # (found, quarantined: as a scrub does)
-            monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after")
-            with Depot(tmp_path / "local", servers=[upstream.url]) as local:
-                loaded = local.load("acme/st", engine="safetensors", warmup=0)
-                assert np.array_equal(loaded["w"], weights["w"])
-                assert local.verify().ok
-                for path in ("config.json", "model.safetensors"):
-                    assert bytes(local.get_file("acme/st", path)) == (source / path).read_bytes()
-        finally:
-            upstream.stop()
+    with a_pulled_copy(tmp_path, source, "acme/st") as (upstream, local):
+        torn = ["config.json"] if found.startswith("a shared") else ["config.json", "model.safetensors"]
+        for path in torn:
+            flip_byte(local.store.blobs.path(local.file_info("acme/st", path).sha256), 10)
+        if found.startswith("a shared"):
+            assert not local.verify().ok  # (found, quarantined: as a scrub does)
+        local.close()
+        monkeypatch.setenv("MODELDEPOT_BOOT_ID", "after")
+        with Depot(tmp_path / "local", servers=[upstream]) as again:
+            loaded = again.load("acme/st", engine="safetensors", warmup=0)
+            assert np.array_equal(loaded["w"], weights["w"])
+            assert again.verify().ok
+            for path in ("config.json", "model.safetensors"):
+                assert bytes(again.get_file("acme/st", path)) == (source / path).read_bytes()
 
 
 def test_a_load_offline_is_not_stopped_by_a_corrupt_file_it_does_not_read(
@@ -541,16 +549,9 @@ def test_a_load_offline_is_not_stopped_by_a_corrupt_file_it_does_not_read(
     (source / "tokenizer.json").write_text('{"version": "1.0"}')
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
-        upstream_depot.import_dir(source, "acme/st")
-        upstream = LiveNode(upstream_depot)
-        try:
-            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
-                local.pull("acme/st")
-                flip_byte(local.store.blobs.path(local.file_info("acme/st", "tokenizer.json").sha256), 3)
-                assert not local.verify().ok  # (quarantined, as a scrub finds it)
-        finally:
-            upstream.stop()
+    with a_pulled_copy(tmp_path, source, "acme/st") as (_, local):
+        flip_byte(local.store.blobs.path(local.file_info("acme/st", "tokenizer.json").sha256), 3)
+        assert not local.verify().ok  # (quarantined, as a scrub finds it)
     monkeypatch.setenv("MODELDEPOT_OFFLINE", "1")
     with Depot(tmp_path / "local") as local:
         assert np.array_equal(local.load("acme/st", engine="safetensors", warmup=0)["w"], weights["w"])
