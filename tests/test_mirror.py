@@ -1222,6 +1222,34 @@ def test_a_branch_the_upstream_deleted_is_not_served_from_the_store(
             node.stop()
 
 
+def test_a_mirrors_refs_follow_the_upstreams_branches_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A branch moved upstream was listed at its old commit by the mirror's refs while its model info and
+    files followed it, and one deleted there was listed still (an explorer's trial): only main followed."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as upstream_depot:
+        upstream_depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        upstream_depot.import_dir(write_model_dir(tmp_path / "dev1", {"config.json": b"{}"}), REPO, "dev")
+        node = LiveNode(upstream_depot)
+        mirror = mirror_node(tmp_path, node.url, monkeypatch)
+        try:
+            api = HfApi(endpoint=mirror.url)
+            assert requests.get(f"{mirror.url}/{REPO}/resolve/dev/config.json", timeout=30).status_code == 200
+            moved = upstream_depot.import_dir(
+                write_model_dir(tmp_path / "dev2", {"config.json": b'{"v": 2}'}), REPO, "dev"
+            ).commit_id
+            branches = {ref.name: ref.target_commit for ref in api.list_repo_refs(REPO).branches}
+            assert branches["dev"] == moved == api.model_info(REPO, revision="dev").sha
+            upstream_depot.remove(REPO, revision="dev")
+            assert "dev" not in {ref.name for ref in api.list_repo_refs(REPO).branches}
+        finally:
+            mirror.stop()
+            node.stop()
+
+
 @pytest.mark.parametrize("fetched", ["main", "dev"])
 def test_a_branch_a_client_fetched_by_commit_id_is_answered_by_the_store_in_an_outage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, client_env: Path, fetched: str

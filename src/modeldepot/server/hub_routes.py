@@ -511,7 +511,10 @@ async def paths_info(request: web.Request) -> web.Response:
 
 async def list_refs(request: web.Request) -> web.Response:
     """The refs the store holds. On a mirror, main is the upstream's (as model info and files follow it):
-    a repo not pulled yet has that one, where it was "not found" while its files were served."""
+    a repo not pulled yet has that one, where it was "not found" while its files were served; and so are
+    the other branches it holds, MIRRORED_REFS at most, each as its scan says (a branch moved upstream was
+    listed at its old commit while model info and files followed it, one deleted there listed still: an
+    explorer's trial)."""
     repo_id = await path_repo(request)
     refs: dict[str, str] = {}
     try:
@@ -521,13 +524,20 @@ async def list_refs(request: web.Request) -> web.Response:
             raise
     first, held = await _upstream_first(request, repo_id, DEFAULT_BRANCH)
     if first:
-        try:
-            refs[DEFAULT_BRANCH] = (await mirror_revision(request, repo_id, DEFAULT_BRANCH, held)).commit_id
-        except PrivateUpstream:
-            raise
-        except (UpstreamError, NotFoundError):
-            if not refs:
-                raise
+        others = sorted(name for name in refs if name != DEFAULT_BRANCH and not name.startswith("refs/pr/"))
+        names = [DEFAULT_BRANCH, *others[: MIRRORED_REFS - 1]]
+        seen = await asyncio.gather(
+            *(mirror_revision(request, repo_id, name, held) for name in names), return_exceptions=True
+        )
+        for name, view in zip(names, seen, strict=True):
+            if isinstance(view, RevisionView):
+                refs[name] = view.commit_id
+            elif isinstance(view, PrivateUpstream) or not isinstance(view, (UpstreamError, NotFoundError)):
+                raise view
+            elif name != DEFAULT_BRANCH and isinstance(view, RevisionNotFoundError):
+                refs.pop(name, None)  # (deleted upstream: not served here either)
+            elif name == DEFAULT_BRANCH and not refs:
+                raise view
     include_prs = truthy(request.query.get("include_prs"))
     branches, pulls = [], []
     for name, commit_id in sorted(refs.items()):
@@ -539,6 +549,8 @@ async def list_refs(request: web.Request) -> web.Response:
         {"branches": branches, "converts": [], "tags": [], **({"pullRequests": pulls} if include_prs else {})}
     )
 
+
+MIRRORED_REFS = 16  # branches a mirror's refs listing asks its upstream about, main first
 
 FileAnswer = Callable[[web.Request, str, str, str], Awaitable[web.StreamResponse]]
 
