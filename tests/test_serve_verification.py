@@ -85,6 +85,25 @@ def test_a_flip_in_the_first_chunk_is_a_503_and_quarantines(node: LiveNode, depo
     assert health["status"] == "degraded" and "1 file failed verification" in health["detail"], health
 
 
+def test_a_head_of_a_file_found_corrupt_is_answered_from_its_listing(node: LiveNode, depot: Depot) -> None:
+    """A HEAD of a quarantined file was a 503: huggingface_hub retried it for 23 s, then said "check your
+    connection", and file_exists raised (an explorer's trial). The HEAD says what the file is; the GET why
+    it is not sent."""
+    from huggingface_hub import HfApi
+
+    _flip(depot, 0)
+    assert not depot.verify().ok  # (quarantined, as a scrub finds it)
+    commit = depot.resolve(REPO)
+    for revision in ("main", commit):
+        head = requests.head(f"{node.url}/{REPO}/resolve/{revision}/model.safetensors", timeout=30)
+        assert head.status_code in (200, 302) and head.headers["X-Linked-Size"] == str(len(WEIGHTS)), revision
+    pinned = requests.head(f"{node.url}/{REPO}/resolve/{commit}/model.safetensors", timeout=30)
+    assert pinned.status_code == 200 and pinned.headers["Content-Length"] == str(len(WEIGHTS))
+    assert HfApi(endpoint=node.url).file_exists(REPO, "model.safetensors")
+    status, headers, body, _ = _raw_get(node.url + ROUTES["resolve"])
+    assert status == 503 and "verification" in headers["X-Error-Message"] and body != WEIGHTS
+
+
 @pytest.mark.parametrize("route", sorted(ROUTES))
 def test_a_flip_later_in_the_file_breaks_the_body(node: LiveNode, depot: Depot, route: str) -> None:
     _flip(depot, 3)

@@ -57,7 +57,13 @@ from modeldepot.server.mirror_routes import (
     upstream_manifest,
 )
 from modeldepot.server.ranges import RangeNotSatisfiable
-from modeldepot.server.responses import error_response, json_response, not_satisfiable, send_blob
+from modeldepot.server.responses import (
+    error_response,
+    headers_only,
+    json_response,
+    not_satisfiable,
+    send_blob,
+)
 from modeldepot.server.views import (
     COMMIT_TITLE,
     RevisionView,
@@ -675,9 +681,10 @@ async def _local_resolve(request: web.Request, repo_id: str, revision: str, path
     redirects = not is_commit_id(request.match_info.get("rev", ""))
     entry, reader, checked = await _open_held(request, repo_id, revision, path, opens_lfs=not redirects)
     if reader is None:
-        pinned = to_its_commit(request, entry.commit_id, file_headers(entry, request))
-        assert pinned is not None
-        return pinned
+        headers = file_headers(entry, request)
+        pinned = to_its_commit(request, entry.commit_id, headers)
+        # (else a HEAD of a file found corrupt: _open_held)
+        return pinned if pinned is not None else headers_only(headers, entry.size)
     return await send_blob(request, reader, entry.etag, file_headers(entry, request), checked=checked)
 
 
@@ -711,7 +718,18 @@ async def _open_held(
         spelled = depot.store.spelled(repo_id)
         if not authorized and depot.store.repo_private(spelled):
             raise hidden_repo(request, repo_id)
-        entry = _held_entry(depot, spelled, path, revision)
+        try:
+            entry = _held_entry(depot, spelled, path, revision)
+        except CorruptBlobError as corrupt:
+            if request.method != "HEAD":
+                raise
+            # A HEAD of a file found corrupt is answered from its listing (the GET says why it is not sent):
+            # huggingface_hub retried a HEAD's 503 for 23 s, then said "check your connection", and
+            # file_exists raised (an explorer's trial). (A tier's file: as it was.)
+            try:
+                return depot.store.entry(spelled, path, revision, corrupt_ok=True), None, None
+            except NotFoundError:
+                raise corrupt from None
         if entry.lfs and not opens_lfs:
             return entry, None, None
         reader = depot.open_verified(entry, counts_as_use=counts_as_use)

@@ -401,6 +401,13 @@ def response_for_error(error: DepotError) -> web.Response:
     return error_response(500, "NodeError", "the node could not complete the request")
 
 
+def headers_only(headers: dict[str, str], length: int) -> web.StreamResponse:
+    """A 200 to a HEAD: a file's headers and its length, no body."""
+    response = web.StreamResponse(status=200, headers=headers)
+    response.content_length = length
+    return response
+
+
 def not_satisfiable(headers: Mapping[str, str], size: int) -> web.Response:
     """A 416 for a file of ``size`` bytes: its ``Content-Range``, and ``Content-Length: 0`` alike for a HEAD
     and a GET (a HEAD's said none: an explorer's trial)."""

@@ -345,8 +345,11 @@ class Store:
                                            "give more of it")  # fmt: skip
         raise RevisionNotFoundError(repo_id, revision)
 
-    def entry(self, repo_id: str, path: str, revision: str = "main") -> FileEntry:
-        """The record of one file; raises if it is absent or its blob is quarantined."""
+    def entry(
+        self, repo_id: str, path: str, revision: str = "main", *, corrupt_ok: bool = False
+    ) -> FileEntry:
+        """The record of one file; raises if it is absent or (unless ``corrupt_ok``: its listing alone, never
+        its bytes) its blob is quarantined."""
         validate_path(path)
         commit_id = self.resolve(repo_id, revision)
         rows = self.index.read(
@@ -356,7 +359,7 @@ class Store:
         )
         if not rows:
             raise EntryNotFoundError(repo_id, revision, path, commit_id)
-        if rows[0]["state"] != "ok":
+        if rows[0]["state"] != "ok" and not corrupt_ok:
             raise CorruptBlobError.found_earlier(rows[0]["sha256"])
         return _entry(rows[0])
 
