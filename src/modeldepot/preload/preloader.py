@@ -531,9 +531,8 @@ class Preloader:
             started = self._pool.submit(self.auto_preload, top_n)
         except RuntimeError:  # (the executor's own, raw, when closed meanwhile: every other call says this)
             raise DepotError(CLOSED) from None
-        started.add_done_callback(
-            _said_if_failed
-        )  # (nobody looks at the future: its error was lost, a trial)
+        # (nobody looks at the future: its error was lost, a trial)
+        started.add_done_callback(_said_if_failed)
         return started
 
     def preload_again_after_repair(self) -> None:
