@@ -541,7 +541,7 @@ def test_sync_of_a_read_only_store_flushes_its_writers_blobs(tmp_path: Path, rea
     mounted = read_only(home)
     before = tree(home)
     done = modeldepot("sync", "--json", "--home", str(mounted), env=env)
-    assert json.loads(done.stdout) == {"flushed": unflushed, "checked": 0, "read_only": True}
+    assert json.loads(done.stdout) == {"flushed": unflushed, "checked": 0, "corrupt": [], "read_only": True}
     said = modeldepot("sync", "--home", str(mounted), env=env).stdout
     assert "3 blobs flushed to disk (the store is read-only here: its writer's next sync" in said, said
     assert tree(home) == before, "nothing in the store changed"

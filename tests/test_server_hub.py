@@ -855,8 +855,9 @@ def disposed_name(header: str) -> str | None:
 def test_a_listing_gives_no_parameters_of_a_revision_held_in_part(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Model info says no `safetensors` for a revision held in part (a sum of part would be wrong); the
-    listing asked for it summed the one shard held (it read the held files as the commit's: a review)."""
+    """Model info never says a sum of part for a revision held in part: the upstream's figure of the whole
+    commit, as its scan said it (review 41), or none; the listing asked for it summed the one shard held (it
+    read the held files as the commit's: a review)."""
     import numpy as np
     from safetensors.numpy import save
 
@@ -874,7 +875,8 @@ def test_a_listing_gives_no_parameters_of_a_revision_held_in_part(
         node = LiveNode(local)
         try:
             api = HfApi(endpoint=node.url)
-            assert api.model_info("acme/sharded", expand=["safetensors"]).safetensors is None
+            said = api.model_info("acme/sharded", expand=["safetensors"]).safetensors
+            assert said is not None and said.total == 12 + 1000, said  # (the whole commit's, not 12)
             [listed] = [m for m in api.list_models(expand=["safetensors"]) if m.id == "acme/sharded"]
             assert listed.safetensors is None, listed.safetensors
         finally:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import pytest
 
@@ -37,11 +37,12 @@ def call(
     huggingface_hub follows it."""
     reply = _call_once(node, method, target, headers, body)
     location = reply.headers.get("Location", "")
-    if reply.status == 302 and location.startswith("/"):
+    if reply.status == 302 and location and "//" not in location:  # (relative: to the node itself)
+        followed = urljoin(target, location)
         assert (
-            reply.headers.get("X-Repo-Commit") and f"/resolve/{reply.headers['X-Repo-Commit']}/" in location
+            reply.headers.get("X-Repo-Commit") and f"/resolve/{reply.headers['X-Repo-Commit']}/" in followed
         )
-        return _call_once(node, method, location, headers, body)
+        return _call_once(node, method, followed, headers, body)
     return reply
 
 
