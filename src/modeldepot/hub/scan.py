@@ -34,6 +34,7 @@ from modeldepot.transfer.ranged import MAX_REDIRECTS, Attempt, Reply, request
 from modeldepot.validation import (
     MAX_TAGS,
     from_upstream,
+    is_label,
     validate_commit_id,
     validate_git_oid,
     validate_label,
@@ -269,7 +270,7 @@ def _weights_described(info: dict[str, Any]) -> dict[str, Any]:
     if isinstance(described, dict) and isinstance(described.get("parameters"), dict):
         parameters = described["parameters"]
         if 0 < len(parameters) <= MAX_DTYPES and all(
-            _is_label(dtype) and _is_count(count) for dtype, count in parameters.items()
+            is_label(dtype) and _is_count(count) for dtype, count in parameters.items()
         ):
             found["safetensors"] = {"parameters": dict(parameters), "total": sum(parameters.values())}
     described = info.get("gguf")
@@ -300,14 +301,6 @@ def _time(value: object) -> float | None:
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
-
-
-def _is_label(value: object) -> bool:
-    try:
-        validate_label(value)
-    except InvalidInputError:
-        return False
-    return True
 
 
 def _optional_label(source: str, field: str, value: object) -> str | None:
