@@ -1563,3 +1563,72 @@ def test_a_client_that_left_a_follow_elsewhere_whose_download_was_refuted_is_not
         pulling.kill()
         pulling.communicate()
         mirror.stop()
+
+
+@pytest.mark.parametrize("then", ["private", "public"])
+def test_a_gated_upstream_repo_is_described_to_anyone_and_its_files_take_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """A repo its upstream gates (Llama, Gemma): the Hub describes it to anyone and answers its files with
+    GatedRepo; a mirror said "Repository Not Found" to clients without its token, and scripts branching on
+    `repo_exists` took a typo for the cause (an explorer's trial). Its description is anyone's, its files
+    the token's, from the upstream's scan and from the store alike (the upstream out of reach); made
+    private upstream it is hidden whole, made public it is anyone's."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from liar import REPO, Liar
+
+    liar = Liar()
+    liar.lie(gated="manual")
+    monkeypatch.setenv("MODELDEPOT_MIRROR_TTL", "0")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", liar.url)
+    mirror = LiveNode(Depot(tmp_path / "mirror"), control_token="node-token", mirror=True, owns_depot=True)
+    anyone = HfApi(endpoint=mirror.url, token=False)
+
+    def download(token: str | bool, client: str) -> bytes:
+        return Path(hf_hub_download(REPO, "config.json", cache_dir=tmp_path / client, endpoint=mirror.url,
+                                    token=token)).read_bytes()  # fmt: skip
+
+    def described_gated_and_closed(client: str) -> None:
+        assert anyone.repo_exists(REPO)
+        info = anyone.model_info(REPO)
+        assert info.gated == "manual" and not info.private, (info.gated, info.private)
+        assert [s.rfilename for s in info.siblings or []] == ["config.json"]
+        assert anyone.list_repo_files(REPO) == ["config.json"]
+        with pytest.raises(GatedRepoError):
+            download(False, client)
+        with pytest.raises(GatedRepoError):
+            anyone.auth_check(REPO)
+        head = requests.head(f"{mirror.url}/{REPO}/resolve/main/config.json", timeout=30)
+        assert (head.status_code, head.headers.get("X-Error-Code")) == (401, "GatedRepo")
+        raw = requests.get(f"{mirror.url}/{REPO}/raw/main/config.json", timeout=30)
+        assert raw.status_code == 401 and raw.content != liar.files["config.json"]
+
+    try:
+        described_gated_and_closed("anyone-before")  # from the upstream's scan: nothing held yet
+        assert download("node-token", "member") == liar.files["config.json"]
+        assert mirror.depot.repo_info(REPO).private
+        liar.refusal = (503, {}, b"upstream connect error")  # the upstream out of reach: the store answers
+        described_gated_and_closed("anyone-held")
+        assert [m["id"] for m in requests.get(f"{mirror.url}/api/models", timeout=30).json()] == [REPO]
+        liar.refusal = None
+        if then == "private":
+            liar.lie(gated=False, private=True)
+            for path in (f"/api/models/{REPO}", f"/{REPO}/resolve/main/config.json"):
+                answer = requests.get(mirror.url + path, timeout=30)
+                assert answer.headers.get("X-Error-Code") == "RepoNotFound", (path, answer.status_code)
+            liar.refusal = (503, {}, b"upstream connect error")  # the store hides it whole now too
+            with pytest.raises(RepositoryNotFoundError):
+                anyone.model_info(REPO)
+            assert requests.get(f"{mirror.url}/api/models", timeout=30).json() == []
+        else:
+            liar.lie(gated=False)
+            assert download(False, "anyone-after") == liar.files["config.json"]
+            liar.refusal = (503, {}, b"upstream connect error")
+            assert anyone.model_info(REPO).gated is False and not mirror.depot.repo_info(REPO).private
+        assert download("node-token", "member-after") == liar.files["config.json"]
+    finally:
+        mirror.stop()
+        liar.stop()

@@ -28,6 +28,7 @@ EXPECTED = {
     "RevisionNotFoundError": (404, "RevisionNotFound"),
     "EntryNotFoundError": (404, "EntryNotFound"),
     "ChunkNotAvailableError": (404, "ChunkNotAvailable"),
+    "GatedRepoError": (401, "GatedRepo"),
     "SourceDirectoryError": (404, "NotFound"),
     "VariantNotFoundError": (404, "NotFound"),
     "EngineMismatchError": (404, "NotFound"),

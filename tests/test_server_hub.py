@@ -28,6 +28,7 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     HfHubHTTPError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -558,14 +559,33 @@ def test_last_commit_is_when_the_revision_came_and_gated_repos_say_so(
         tree = list(api.list_repo_tree(SAMPLE, revision=first, expand=True))
         assert tree[0].last_commit is not None and tree[0].last_commit.date.year == 2001
         info = api.model_info(REPO)
-        assert info.gated == "manual" and info.private  # kept behind the node's token
+        assert info.gated == "manual" and not info.private  # as the Hub says it
         assert "gated" not in (info.card_data or {})
     finally:
         node.stop()
-    open_node = LiveNode(depot)  # no token: a private repo is never served
+    # An open node describes it to anyone, as the Hub does (it was "Repository Not Found", an explorer's
+    # trial), and serves its files to the control token's holders alone: the node's credentials accepted
+    # the upstream's conditions, not everyone's
+    open_node = LiveNode(depot, control_token="ctl")
     try:
+        anyone = HfApi(endpoint=open_node.url, token=False)
+        assert anyone.model_info(REPO).gated == "manual" and anyone.repo_exists(REPO)
+        assert REPO in [m.id for m in anyone.list_models()]
+        for call in (
+            lambda: hf_hub_download(REPO, "config.json", cache_dir=tmp_path / "anyone", endpoint=open_node.url,
+                                    token=False),
+            lambda: anyone.auth_check(REPO),
+        ):  # fmt: skip
+            with pytest.raises(GatedRepoError, match="node's token"):
+                call()
+        got = hf_hub_download(
+            REPO, "config.json", cache_dir=tmp_path / "member", endpoint=open_node.url, token="ctl"
+        )
+        assert Path(got).read_bytes() == liar.files["config.json"]
+        with depot.store.index.write() as con:  # the operator's private repo stays hidden whole
+            con.execute("UPDATE repos SET hidden_at = NULL")
         with pytest.raises(RepositoryNotFoundError):
-            HfApi(endpoint=open_node.url, token=False).model_info(REPO)
+            anyone.model_info(REPO)
     finally:
         open_node.stop()
 

@@ -25,6 +25,7 @@ HTTP status in one place each::
     │   ├── UpstreamTimeoutError                 it did not answer in time
     │   ├── AccessDeniedError                    gated or private upstream repo: needs a token
     │   └── OfflineError                         offline mode forbids the connection
+    ├── GatedRepoError                           a gated repo's file asked without the node's token → 401
     ├── PullRunningError                         a pull of the repo runs: removing it waits → exit 1 / 409
     ├── MemoryShortError                         a preload would leave the process too little RAM → exit 1 / 503
     ├── StoreError (OSError)                     the store itself cannot do its job        → exit 1
@@ -51,6 +52,7 @@ __all__ = [
     "DepotError",
     "EngineMismatchError",
     "EntryNotFoundError",
+    "GatedRepoError",
     "IntegrityError",
     "InvalidInputError",
     "InvalidPathError",
@@ -292,6 +294,20 @@ class AccessDeniedError(UpstreamError):
 
 class OfflineError(UpstreamError):
     """Offline mode (HF_HUB_OFFLINE=1 or MODELDEPOT_OFFLINE=1) forbids opening a connection."""
+
+
+class GatedRepoError(DepotError):
+    """A file of a repo its upstream gates, asked without the node's token: the node's own credentials
+    accepted the upstream's conditions, and it serves the files to those its operator gave the token (the
+    repo itself is described to anyone, as the Hub describes a gated repo)."""
+
+    def __init__(self, repo_id: str) -> None:
+        super().__init__(
+            f"Access to model {repo_id} is restricted: it is gated on the node's upstream, and the node serves its "
+            "files only to requests with the node's token, its control token where it has none (set HF_TOKEN to "
+            "it; ask the node's operator)"
+        )
+        self.repo_id = repo_id
 
 
 class PullRunningError(DepotError):

@@ -148,8 +148,10 @@ class UpstreamScans:
                         self._scan_failed.pop(next(iter(self._scan_failed)))
                 raise
             if manifest.private or manifest.gated:
-                # (what the store holds of it answers commit ids and listings: behind the token now, too)
-                await self._hide(manifest.repo_id, "private upstream now")
+                # (what the store holds of it answers commit ids and listings: behind the token now, too; a
+                # gated one's described to anyone, as the upstream describes it)
+                gated = False if manifest.private else manifest.gated
+                await self._hide(manifest.repo_id, "private upstream now", gated=gated)
             self._manifests[key] = (time.monotonic(), manifest)
             self._scan_failed.pop(key, None)
             return manifest
@@ -177,11 +179,17 @@ class UpstreamScans:
         return not await asyncio.to_thread(store.repo_private, repo_id)
 
     async def _hide(
-        self, repo_id: str, why: str, pulled_from_here: bool = False, said_by: tuple[str, ...] = ()
+        self,
+        repo_id: str,
+        why: str,
+        pulled_from_here: bool = False,
+        said_by: tuple[str, ...] = (),
+        gated: bool | str = False,
     ) -> None:
         """Make a repo the store pulled private (not one imported here: the node's own); ``pulled_from_here``:
         only when pulled from one of this node's upstreams (one pulled from elsewhere they need not know),
-        and that one is among ``said_by``, the URLs of the answers that said it is gone."""
+        and that one is among ``said_by``, the URLs of the answers that said it is gone. ``gated``: the
+        upstream's flag when it gates the repo (:meth:`Store.hide_repo <modeldepot.store.Store.hide_repo>`)."""
         store, config = self.depot.store, self.depot.config
         upstreams = {url.rstrip("/") for url in (*config.servers, config.hub_endpoint)}
 
@@ -195,11 +203,15 @@ class UpstreamScans:
                 or not any(url.startswith(f"{origin}/") or url == origin for url in said_by)
             ):
                 return False
-            return store.hide_repo(repo_id)
+            return store.hide_repo(repo_id, gated)
 
         if await asyncio.to_thread(hide):
-            log.warning("%s is %s: this node serves it behind its token from now on (without one, to no one)",
-                        repo_id, why)  # fmt: skip
+            if gated:
+                log.warning("%s is gated by its upstream: this node serves its files behind its token from now "
+                            "on (it describes it to anyone, as the upstream does)", repo_id)  # fmt: skip
+            else:
+                log.warning("%s is %s: this node serves it behind its token from now on (without one, to no "
+                            "one)", repo_id, why)  # fmt: skip
 
     def _branches_at(self, manifest: Manifest) -> list[Manifest]:
         """The scans of branches of ``manifest``'s repo kept now (within ``MODELDEPOT_MIRROR_TTL``) that saw

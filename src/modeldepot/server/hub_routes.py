@@ -24,6 +24,7 @@ from modeldepot.errors import (
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
+    GatedRepoError,
     InvalidInputError,
     NotFoundError,
     RepoNotFoundError,
@@ -140,22 +141,16 @@ def _next_link(request: web.Request, **params: str) -> str:
     return f'<{request_url(request).with_query([*kept, *params.items()])}>; rel="next"'
 
 
-async def _check_visible(request: web.Request, repo_id: str) -> None:
-    """RepoNotFound when the repo is absent, or private and the request carries no valid token."""
-    private = await asyncio.to_thread(request.app[DEPOT].store.repo_private, repo_id)
-    if private and not is_authorized(request) and not await _shown_again(request, repo_id):
-        raise hidden_repo(request, repo_id)
-
-
 async def _visible_repo(request: web.Request, repo_id: str) -> RepoSummary:
-    """The repo's summary, or RepoNotFound when it is private and the request carries no valid token."""
+    """The repo's summary, or RepoNotFound when it is private and the request carries no valid token (a
+    repo gated upstream is described to anyone: RepoSummary.gated)."""
     store = request.app[DEPOT].store
 
     def summary() -> RepoSummary:
         return request.app[COMMITS].summary(repo_id, lambda: store.repo_summary(repo_id))
 
     found = await asyncio.to_thread(summary)
-    if found.private and not is_authorized(request):
+    if found.private and not found.gated and not is_authorized(request):
         if not await _shown_again(request, repo_id):
             raise hidden_repo(request, repo_id)
         found = await asyncio.to_thread(summary)
@@ -175,11 +170,20 @@ def _mirrors(request: web.Request) -> bool:
 
 
 async def _local_origin(request: web.Request, repo_id: str) -> tuple[str, bool] | None:
-    """Where the store's repo came from and whether it is private; None when it does not hold it."""
+    """Where the store's repo came from and whether it is private, its description hidden (one gated
+    upstream is described to anyone: its files are :func:`_open_held`'s to refuse); None when the store
+    does not hold it."""
     held = await asyncio.to_thread(request.app[DEPOT].store.origin, repo_id)
-    if held is not None and held[1] and not is_authorized(request) and await _shown_again(request, repo_id):
-        return held[0], False
-    return held
+    if held is None:
+        return None
+    if (
+        held.private
+        and not held.gated
+        and not is_authorized(request)
+        and await _shown_again(request, repo_id)
+    ):
+        return held.origin, False
+    return held.origin, held.private and not held.gated
 
 
 async def _may_see(request: web.Request, repo_id: str) -> bool:
@@ -307,12 +311,14 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 async def auth_check(request: web.Request) -> web.Response:
-    """``HfApi.auth_check``: a 200 when the request may read the repo (a private one takes the node's token),
-    else what model info answers (RepoNotFound, as the Hub's 401). ``/write`` is a 403 for a repo it may
+    """``HfApi.auth_check``: a 200 when the request may read the repo (a private or gated one takes the node's
+    token), else what model info answers (RepoNotFound, as the Hub's 401), or GatedRepo. ``/write`` is a 403 for a repo it may
     read: a node takes no writes over the Hub API. (Without the route, a bare 404 the client could not tell
     from a missing repo.)"""
     repo_id = await path_repo(request)
-    await _default_view(request, repo_id)
+    view = await _default_view(request, repo_id)
+    if view.gated and not is_authorized(request):  # (described to anyone, its files to the token's holders)
+        raise GatedRepoError(view.repo_id)
     if request.path.endswith("/write"):
         return error_response(
             403, None, "this node is read-only over the Hub API: publish with `modeldepot import`"
@@ -597,7 +603,7 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             manifest = await upstream_manifest(request, repo_id, revision, held)
             # (the store may hold it: it must not answer what the upstream hides; and first: a file a private
             # repo lacks was said so to anyone, a trial)
-            check_public(request, manifest)
+            check_public(request, manifest, files=True)
             request.app[MIRROR].remote_file(manifest, revision, path)
         except (EntryNotFoundError, PrivateUpstream):
             # The upstream answered: its commit for the revision has no such file (removed there). The store's
@@ -716,8 +722,9 @@ async def _open_held(
 
     def open_held() -> tuple[FileEntry, VerifiedBlob | None, int | None]:
         spelled = depot.store.spelled(repo_id)
-        if not authorized and depot.store.repo_private(spelled):
-            raise hidden_repo(request, repo_id)
+        held = None if authorized else depot.store.origin(spelled)
+        if held is not None and held.private:
+            raise GatedRepoError(spelled) if held.gated else hidden_repo(request, repo_id)
         try:
             entry = _held_entry(depot, spelled, path, revision)
         except CorruptBlobError as corrupt:
@@ -775,6 +782,8 @@ async def _mirror_raw(request: web.Request, repo_id: str, revision: str, path: s
     if entry is None:
         raise EntryNotFoundError(repo_id, revision, path, view.commit_id)
     if entry.lfs:
+        if view.gated and not is_authorized(request):  # (a file of it, as the bytes are)
+            raise GatedRepoError(view.repo_id)
         return _pointer_response(request, entry)
     return await mirror_resolve(request, repo_id, revision, path)
 

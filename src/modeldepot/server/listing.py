@@ -424,7 +424,7 @@ def models_page(
     """One page of the models the request may see (private ones only with the node's token), and the
     cursor of the next page (None on the last). ``repos``: the store's, as read already (else read here)."""
     repos = depot.store.list_repos() if repos is None else repos
-    visible = [s for s in repos if (authorized or not s.private) and query.matches(s)]
+    visible = [s for s in repos if (authorized or not s.private or s.gated) and query.matches(s)]
     ordered = sorted(visible, key=query.key, reverse=query.descending)  # stable: ties stay in id order
     if query.cursor is not None:
         cursor = query.cursor

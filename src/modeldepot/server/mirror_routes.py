@@ -19,7 +19,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
-from modeldepot.errors import AccessDeniedError, DepotError, RepoNotFoundError, RevisionNotFoundError
+from modeldepot.errors import (
+    AccessDeniedError,
+    DepotError,
+    GatedRepoError,
+    RepoNotFoundError,
+    RevisionNotFoundError,
+)
 from modeldepot.hub.manifest import Manifest, RemoteFile
 from modeldepot.mirror import Mirror
 from modeldepot.modelcard import upstream_card
@@ -44,15 +50,22 @@ log = logging.getLogger(__name__)
 
 
 class PrivateUpstream(RepoNotFoundError):
-    """The upstream says the repo is private or gated, and the request may not see it: what the store holds
+    """The upstream says the repo is private, and the request may not see it: what the store holds
     of it must not answer in its place (a repo made private upstream was served from the store to anyone)."""
 
 
-def check_public(request: web.Request, manifest: Manifest) -> None:
-    """PrivateUpstream (a 404, as for a repo not there) when the upstream's repo is hidden to ``request``."""
-    if (manifest.private or manifest.gated) and not is_authorized(request):
+def check_public(request: web.Request, manifest: Manifest, files: bool = False) -> None:
+    """PrivateUpstream (a 404, as for a repo not there) when the upstream's repo is hidden to ``request``;
+    for its ``files``, GatedRepoError (a 401) when the upstream gates it and the request lacks the node's
+    token. A gated repo is described to anyone, as the Hub does: it was a 404 RepoNotFound, and scripts
+    branching on ``repo_exists`` took it for a typo (an explorer's trial)."""
+    if is_authorized(request):
+        return
+    if manifest.private:
         # (named as typed: the upstream's spelling told a guess that it was there, a security trial)
         raise PrivateUpstream(as_typed(request, manifest.repo_id))
+    if manifest.gated and files:
+        raise GatedRepoError(manifest.repo_id)
 
 
 async def upstream_manifest(
@@ -87,7 +100,7 @@ async def _public(request: web.Request, repo_id: str, held: bool) -> bool:
         manifest = await request.app[MIRROR].scans.manifest(repo_id, "main", held)
     except DepotError:
         return False
-    return not (manifest.private or manifest.gated)
+    return not manifest.private  # (a gated one is described to anyone)
 
 
 def _entry(manifest: Manifest, remote: RemoteFile) -> FileEntry:
@@ -140,7 +153,8 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     its first bytes (or a few seconds passed). A HEAD, or a range past the end, pulls nothing."""
     mirror, since = request.app[MIRROR], request.get(ARRIVED, time.monotonic())
     manifest = await upstream_manifest(request, repo_id, revision)
-    check_public(request, manifest)  # (first: a file a private repo lacks was said so to anyone, a trial)
+    # (first: a file a private repo lacks was said so to anyone, a trial)
+    check_public(request, manifest, files=True)
     remote = mirror.remote_file(manifest, revision, path)
     entry = _entry(manifest, remote)
     headers = file_headers(entry, request)

@@ -19,6 +19,7 @@ from modeldepot.errors import (
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
+    GatedRepoError,
     IndexDamagedError,
     IntegrityError,
     InvalidInputError,
@@ -360,6 +361,8 @@ def response_for_error(error: DepotError) -> web.Response:
     if isinstance(error, EntryNotFoundError):
         commit = {"X-Repo-Commit": error.commit_id} if error.commit_id else None
         return error_response(404, "EntryNotFound", f"Entry not found: {error.path}", commit)
+    if isinstance(error, GatedRepoError):  # (huggingface_hub raises GatedRepoError, transformers says why)
+        return error_response(401, "GatedRepo", str(error))
     if isinstance(error, ChunkNotAvailableError):
         return error_response(404, "ChunkNotAvailable", str(error))
     if isinstance(error, NotFoundError):

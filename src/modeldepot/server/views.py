@@ -84,7 +84,7 @@ def stored_view(
         repo_id=summary.repo_id,
         commit_id=commit_id,
         files=tuple(files),
-        private=summary.private,
+        private=summary.private and not summary.gated,  # (the Hub's: a gated repo is not private)
         gated=summary.card.get("gated", False),
         card={k: v for k, v in summary.card.items() if k != "gated"},
         created_at=summary.created_at,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "BlobRecord",
     "DiskUsage",
     "FileEntry",
     "GcReport",
+    "HeldRepo",
     "ImportResult",
     "RepoDiskUsage",
     "RepoInfo",
@@ -89,6 +90,17 @@ class RepoSummary(_Record):
     created_at: float
     updated_at: float
     quarantined: int = 0  # of ``files``, those whose content failed a check: listed, not served
+    # Private because its upstream gates it (card ``gated``, private on that upstream's word): described to
+    # anyone, as the Hub describes a gated repo, its files only to requests with the node's token
+    gated: bool = False
+
+
+class HeldRepo(NamedTuple):
+    """What a request's access to a held repo turns on (:meth:`Store.origin <modeldepot.store.Store.origin>`)."""
+
+    origin: str  # ``import``, or the URL of the upstream a pull came from
+    private: bool  # its files behind the node's token
+    gated: bool  # private because its upstream gates it: see RepoSummary.gated
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from modeldepot.store.index import Index, index_damage_advice
 from modeldepot.store.layout import REFUSES_WRITES, StoreLayout, keeps_the_group_out, os_error
 from modeldepot.store.locks import StoreLock
 from modeldepot.store.manifests import ManifestStore
-from modeldepot.store.models import BlobRecord, FileEntry, RepoInfo, RepoSummary, RevisionInfo
+from modeldepot.store.models import BlobRecord, FileEntry, HeldRepo, RepoInfo, RepoSummary, RevisionInfo
 from modeldepot.store.partials import PartialFiles
 from modeldepot.store.snapshots import Snapshots
 from modeldepot.store.verified import VerifiedBlob
@@ -69,6 +69,10 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A condition on blobs ``b``: a public repo's file has the content (it may be served without the node's token)
+# A repo private on its upstream's word because that upstream gates it (RepoSummary.gated): the card's
+# ``gated`` is the upstream's (a pull of a private repo, or a hide of one, records false)
+_GATED = ("(r.private = 1 AND r.hidden_at IS NOT NULL "
+          "AND COALESCE(json_extract(r.card, '$.gated'), 0) IN (1, 'auto', 'manual'))")  # fmt: skip
 _PUBLIC = " AND EXISTS (SELECT 1 FROM files f JOIN repos r USING (repo_id) WHERE f.sha256 = b.sha256 AND r.private = 0)"
 _FILE_COLUMNS = "f.repo_id, f.commit_id, f.path, f.size, f.sha256, f.git_oid, f.lfs, b.chunk_size, b.state"
 
@@ -422,12 +426,23 @@ class Store:
         rows = self.index.read(query, params)
         return {row["path"]: row["size"] for row in rows if paths is None or row["path"] in paths}
 
-    def origin(self, repo_id: str) -> tuple[str, bool] | None:
-        """Where a repo came from (``import``, a pull's endpoint, ...) and whether it is private; None when the
-        store does not hold it (one indexed lookup: a mirror asks at every request)."""
+    def origin(self, repo_id: str) -> HeldRepo | None:
+        """Where a repo came from (``import``, a pull's endpoint, ...), whether it is private, and whether
+        only because its upstream gates it; None when the store does not hold it (one indexed lookup: a
+        mirror asks at every request)."""
         validate_repo_id(repo_id)
-        rows = self.index.read("SELECT origin, private FROM repos WHERE repo_id = ?", (repo_id,))
-        return (str(rows[0]["origin"]), bool(rows[0]["private"])) if rows else None
+        rows = self.index.read(f"SELECT origin, private, {self._gated()} AS gated FROM repos r WHERE repo_id = ?",
+                               (repo_id,))  # fmt: skip
+        return (
+            HeldRepo(str(rows[0]["origin"]), bool(rows[0]["private"]), bool(rows[0]["gated"]))
+            if rows
+            else None
+        )
+
+    def _gated(self) -> str:
+        """The SQL of RepoSummary.gated, of a row of ``repos r`` (none before ``hidden_at``: a store read
+        where it cannot be upgraded)."""
+        return _GATED if self.index.schema >= 13 else "0"
 
     # -- reading bytes --------------------------------------------------------------------------------
 
@@ -965,20 +980,27 @@ class Store:
             raise RepoNotFoundError(repo_id)
         return bool(rows[0]["private"])
 
-    def hide_repo(self, repo_id: str) -> bool:
-        """Make a held repo private (its upstream made it so: a mirror must not go on serving it to anyone);
-        whether it was public. Nothing when the store does not hold it."""
+    def hide_repo(self, repo_id: str, gated: bool | str = False) -> bool:
+        """Make a held repo private on its upstream's word (its upstream made it so: a mirror must not go on
+        serving it to anyone); ``gated``: the upstream's flag when it gates the repo rather than hides it
+        (described to anyone, its files behind the node's token), False when it hides it. Whether it was
+        public. Nothing when the store does not hold it, or its operator made it private."""
         validate_repo_id(repo_id)
-        rows = self.index.read("SELECT repo_id FROM repos WHERE repo_id = ? COLLATE NOCASE AND private = 0",
-                               (repo_id,))  # fmt: skip
-        if not rows:
-            return False  # (private already, or not held: no write)
+        rows = self.index.read(
+            "SELECT repo_id, private, json_extract(card, '$.gated') AS gated FROM repos WHERE repo_id = ? COLLATE "
+            "NOCASE AND (private = 0 OR hidden_at IS NOT NULL)",
+            (repo_id,),
+        )
+        if not rows or (rows[0]["private"] and (rows[0]["gated"] or False) == (gated or False)):
+            return False  # (private already as said, its operator's, or not held: no write)
         with self.index.write(f"making {repo_id} private") as con:
-            done = con.execute(
-                "UPDATE repos SET private = 1, hidden_at = ? WHERE repo_id = ? AND private = 0",
-                (time.time(), rows[0]["repo_id"]),
+            con.execute(
+                "UPDATE repos SET private = 1, hidden_at = COALESCE(hidden_at, ?), "
+                "card = json_set(card, '$.gated', json(?)) WHERE repo_id = ? AND (private = 0 OR hidden_at "
+                "IS NOT NULL)",
+                (time.time(), json.dumps(gated), rows[0]["repo_id"]),
             )
-            return done.rowcount > 0
+        return not rows[0]["private"]
 
     def hidden_by_upstream(self, repo_id: str) -> bool:
         """Whether the repo is private on its upstream's word (:meth:`show_repo_again` may undo it)."""
@@ -997,8 +1019,9 @@ class Store:
         if not rows or rows[0]["origin"].rstrip("/") != said_by.rstrip("/"):
             return False
         with self.index.write(f"showing {repo_id} again") as con:
-            done = con.execute(
-                "UPDATE repos SET private = 0, hidden_at = NULL WHERE repo_id = ? AND hidden_at IS NOT NULL",
+            done = con.execute(  # (gated no longer either: it would say so of a file served to anyone)
+                "UPDATE repos SET private = 0, hidden_at = NULL, card = json_set(card, '$.gated', json('false')) "
+                "WHERE repo_id = ? AND hidden_at IS NOT NULL",
                 (rows[0]["repo_id"],),
             )
             return done.rowcount > 0
@@ -1023,7 +1046,7 @@ class Store:
                        ROW_NUMBER() OVER (PARTITION BY repo_id ORDER BY created_at DESC, commit_id) AS rank
                 FROM revisions {only}
             )
-            SELECT r.repo_id, r.private, r.origin, r.card, r.created_at, r.updated_at,
+            SELECT r.repo_id, r.private, r.origin, r.card, r.created_at, r.updated_at, {self._gated()} AS gated,
                    COALESCE(n.revisions, 0) AS revisions,
                    (SELECT COUNT(*) FROM files f WHERE f.repo_id = r.repo_id AND f.commit_id = n.commit_id) AS n,
                    (SELECT COALESCE(SUM(size), 0) FROM files f
@@ -1050,6 +1073,7 @@ class Store:
                 files=row["n"],
                 size=row["bytes"],
                 quarantined=row["lost"],
+                gated=bool(row["gated"]),
                 card=json.loads(row["card"]),
                 created_at=row["created_at"],
                 updated_at=row["updated_at"],

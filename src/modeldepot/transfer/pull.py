@@ -434,10 +434,12 @@ def revision_spec(manifest: Manifest, branch: str | None) -> RevisionSpec:
     """How a pull of ``manifest`` publishes its revision, pointing ``branch`` at it. A branch the scan was
     of moves only if the store learned of no other commit for it after the scan (its ``scanned_at``): a
     pull that ran on a scan kept a while (a mirror's) must not move the branch back over a newer one."""
+    # What was private or gated upstream stays behind this node's token; a repo private here stays so. A
+    # gated one is described to anyone, as the Hub describes it (RepoSummary.gated): not a private one
+    gated = False if manifest.private else manifest.gated
     card = upstream_card(
-        manifest.pipeline_tag, manifest.library_name, manifest.tags, manifest.gated, manifest.card_data
+        manifest.pipeline_tag, manifest.library_name, manifest.tags, gated, manifest.card_data
     )
-    # What was private or gated upstream stays behind this node's token; a repo private here stays so.
     private = True if manifest.private or manifest.gated else None
     seen_at = manifest.scanned_at if branch is not None and branch == manifest.revision else None
     # (offline, the manifest is what the store holds: the repo's origin stays)
