@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
 from conftest import (
@@ -683,6 +684,31 @@ def test_a_pull_the_disk_lacks_room_for_deletes_the_corrupt_copies_kept_in_quara
         assert bytes(depot.get_file("acme/two", "a.bin")) == files["a.bin"]
         assert list(depot.store.layout.quarantine.iterdir()) == []
         assert depot.verify().ok
+
+
+def test_a_pull_the_disk_lacks_room_for_deletes_the_downloads_other_pulls_gave_up(
+    mount_tmpfs: Mount, files: dict[str, bytes]
+) -> None:
+    """A pull killed mid-way (a control API's, a Ctrl-C'd one never run again) kept its files' whole
+    preallocated size a week, beside the budget: every pull of another model failed "lacks room" (an
+    explorer's trial on an edge box). A disk short of room deletes them, never the pull's own (its resume)."""
+    root = mount_tmpfs("size=12m")
+    with Depot(root / "home", chunk_size=SMALL_CHUNK) as depot:
+        partials = depot.store.partials
+        own_key = hashlib.sha256(files["a.bin"]).hexdigest()
+        for key, size in (("f" * 64, 4 << 20), (own_key, len(files["a.bin"]))):  # given up; this pull's own
+            download = partials.claim(key, size, SMALL_CHUNK, wait=False)
+            assert download is not None
+            first = files["a.bin"][:SMALL_CHUNK]
+            download.write_chunk(0, memoryview(first), blake3.blake3(first).hexdigest())
+            download.release(completed=False)
+        own_kept = partials.kept_bytes(own_key)
+        assert own_kept == SMALL_CHUNK and partials.kept_bytes("f" * 64) == SMALL_CHUNK
+        leave_free(root, 3 << 20)  # the pull needs 6 MiB less its own 1: room once the 4 given up go
+        pulled = depot.pull("acme/two")
+        assert pulled.files == 2 and pulled.bytes_resumed == own_kept, pulled
+        assert partials.kept_bytes("f" * 64) is None
+        assert bytes(depot.get_file("acme/two", "a.bin")) == files["a.bin"]
 
 
 @pytest.mark.parametrize("free_mib", [2, 4])

@@ -17,7 +17,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -841,6 +841,15 @@ def drop_quarantine(store: Store) -> int:
                 f"SELECT sha256 FROM blobs WHERE state = 'ok' AND sha256 IN ({','.join('?' * len(part))})",
                 tuple(part)))  # fmt: skip
         return _delete_quarantined(store, quarantined, good)[0] if quarantined else 0
+
+
+def drop_abandoned_downloads(store: Store, spare: Set[str]) -> int:
+    """Delete every interrupted download no process is using, but those of ``spare`` (download keys: a
+    pull's own, which it resumes), as ``gc --partials`` does; the bytes freed. For a disk short of room: a
+    pull killed mid-way kept the whole preallocated size of its files a week, beside the budget, and every
+    pull of another model failed for want of that room (an explorer's trial)."""
+    with store.lock.exclusive():
+        return store.partials.collect(remove_all=True, relied_on=store.budget.kept_blobs(), spare=spare)[3]
 
 
 def _delete_quarantined(

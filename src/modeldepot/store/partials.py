@@ -838,7 +838,7 @@ class PartialFiles:
 
     def collect(
         self, remove_all: bool, max_age: float = PARTIAL_MAX_AGE, held: Set[str] = frozenset(),
-        empty: bool = True, relied_on: Set[str] = frozenset(),
+        empty: bool = True, relied_on: Set[str] = frozenset(), spare: Set[str] = frozenset(),
     ) -> tuple[int, int, int, int]:  # fmt: skip
         """gc: delete unlocked partials older than ``max_age`` (every unlocked one with ``remove_all``), and
         those of a content the store holds whole (``held``, download keys: a SHA-256 or ``git-<oid>``; it came in another way, an import, an
@@ -846,7 +846,8 @@ class PartialFiles:
         trial), and (``empty``) those that keep nothing a resume would take (stopped before a chunk landed: a
         node killed as its pulls began left the whole room of its files taken for a week, "resumable: 0 B
         kept", an explorer's trial); returns (removed, kept for a resume, left to the transfers running now,
-        bytes freed: the disk space given back)."""
+        bytes freed: the disk space given back). ``spare``: keys kept whatever they hold (a pull's own, whose
+        resume is due now)."""
         removed = kept = running = freed = 0
         try:
             logs = sorted(self.root.glob("*.log"))
@@ -855,6 +856,9 @@ class PartialFiles:
         now = time.time()
         for log in logs:
             key = log.name[: -len(".log")]
+            if key in spare:
+                kept += 1
+                continue
             paths = self._paths(key)
             try:
                 fd = lock_file(os.open, log, os.O_RDWR | _OWN_FILE)
@@ -903,6 +907,9 @@ class PartialFiles:
         ]
         for data in logless:  # a one-chunk download, or (rarely) a data file whose log went
             size, key = _given_back(data), data.name.split(".", 1)[0]
+            if key in spare:
+                kept += 1
+                continue
             outcome = self._collect_logless(data, remove_all or key in held, now - max_age, empty)
             if outcome == "removed":
                 removed, freed = removed + 1, freed + size

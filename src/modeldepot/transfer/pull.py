@@ -224,19 +224,24 @@ SHARED_REMOVED_TRIES = 3  # publishes a pull tries while files it shares are rem
 OTHER_DESCRIPTORS = 256
 
 
-def _free_quarantine(store: Store, sizes: dict[str, int], short: int, doing: str) -> int:
-    """The disk's shortage of room for ``sizes`` once the quarantined copies are deleted: a disk short of room
-    needs theirs more than anyone needs a corrupt copy (after a power loss the torn copy of a model kept the
-    room its own pull needed, every repair and pull failed for good, until a human ran `gc`: an explorer's
-    trial)."""
-    from modeldepot.store.maintenance import drop_quarantine
+def _free_room(store: Store, sizes: dict[str, int], short: int, doing: str) -> int:
+    """The disk's shortage of room for ``sizes`` (by download key) once the quarantined copies are deleted,
+    and, still short, the interrupted downloads of other files: a disk short of room needs theirs more than
+    anyone needs a corrupt copy (after a power loss the torn copy of a model kept the room its own pull
+    needed, every repair and pull failed for good, until a human ran `gc`: an explorer's trial), or a resume
+    of a pull given up (a killed pull's files kept their whole preallocated size a week)."""
+    from modeldepot.store.maintenance import drop_abandoned_downloads, drop_quarantine
 
     freed = drop_quarantine(store)
-    if not freed:
-        return short
-    log.warning("%s: the disk lacks room: deleted %s of corrupt copies kept in quarantine/", doing,
-                size_text(freed))  # fmt: skip
-    return store.partials.room_short(sizes)[0]
+    if freed:
+        log.warning("%s: the disk lacks room: deleted %s of corrupt copies kept in quarantine/", doing,
+                    size_text(freed))  # fmt: skip
+        short = store.partials.room_short(sizes)[0]
+    if short > 0 and (freed := drop_abandoned_downloads(store, spare=set(sizes))):
+        log.warning("%s: the disk lacks room: deleted %s of interrupted downloads of other files (their pulls "
+                    "start over)", doing, size_text(freed))  # fmt: skip
+        short = store.partials.room_short(sizes)[0]
+    return short
 
 
 def _check_open_file_limit(repo_id: str, fetching: int) -> None:
@@ -321,7 +326,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         # only once the room is made and released)
         short, _free = await asyncio.to_thread(store.partials.room_short, sizes)
         if short > 0:
-            short = await asyncio.to_thread(_free_quarantine, store, sizes, short, doing)
+            short = await asyncio.to_thread(_free_room, store, sizes, short, doing)
         await in_budget_pool(writer.make_room, sum(new_bytes.values()), doing, short)
         # ... and the disk looked at again, as the evictions left it (a blob linked outside frees nothing)
         await asyncio.to_thread(store.partials.check_room, sizes, doing)
