@@ -54,6 +54,7 @@ class Liar:
         self.requests: list[str] = []
         self.authorizations: list[str | None] = []  # the Authorization header of each model info request
         self.refusal: tuple[int, dict[str, str], bytes] | None = None  # the model info's answer instead
+        self.refs: dict[str, Any] | None = None  # the refs listing (/refs: branches, tags); None: a 404
         self.moved_to: str | None = None  # a 307 to this URL, for a model info request of another path
         self.files_moved_to: str | None = None  # a 302 to this URL, for every file's download
         # A file whose resolve answers first a 302 (to itself, marked) with a body of so many bytes
@@ -62,6 +63,7 @@ class Liar:
         app = web.Application()
         app.router.add_get("/api/models/{org}/{name}", self._model_info)
         app.router.add_get("/api/models/{org}/{name}/revision/{rev}", self._model_info)
+        app.router.add_get("/api/models/{org}/{name}/refs", self._refs)
         app.router.add_get("/{org}/{name}/resolve/{rev}/{path:.+}", self._resolve)
         app.router.add_get("/api/depot/v1/repos/{org}/{name}/revisions/{rev}/manifest", self._manifest)
         app.router.add_route("HEAD", "/api/depot/v1/blobs/{sha}", self._blob_head)
@@ -92,6 +94,12 @@ class Liar:
             status, headers, body = self.refusal
             return web.Response(status=status, headers=headers, body=body)
         return web.json_response(self.info)
+
+    async def _refs(self, request: web.Request) -> web.Response:
+        self.requests.append(request.path)
+        if self.refs is None:
+            return web.json_response({"error": "not found"}, status=404)
+        return web.json_response(self.refs)
 
     async def _resolve(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path)

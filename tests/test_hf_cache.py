@@ -311,7 +311,7 @@ def test_a_commit_adopted_without_its_listing_is_not_taken_for_the_whole_of_it(
                                    env={"MODELDEPOT_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert by_branch.exit_code == 0 and "pull it online" in caplog.text, by_branch.output
     with Depot(tmp_path / "store") as depot:  # (the pull made it "imported", and the next pull took it whole)
-        assert depot.store.origin(SAMPLE) == ("hf-cache", False)
+        assert depot.store.origin(SAMPLE) == ("hf-cache", False, False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", node.url)
     with Depot(tmp_path / "store") as depot:
@@ -1136,7 +1136,10 @@ def test_an_export_beside_an_rm_of_its_branch_says_the_ref_is_not_set_and_a_hex_
     # (no write makes such a branch now; one adopted from a Hugging Face cache's refs may be there)
     main = filled.resolve(SAMPLE)
     with filled.store.index.write("a branch adopted from a cache") as con:
-        con.execute("INSERT INTO refs VALUES (?, '20241105', ?, 0)", (SAMPLE, main))
+        con.execute(
+            "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?, '20241105', ?, 0)",
+            (SAMPLE, main),
+        )
     dated = filled.hf_cache_export(SAMPLE, "20241105", cache_dir=cache)
     assert dated.ok, dated
     assert (cache / FOLDER / "refs" / "20241105").read_text() == main

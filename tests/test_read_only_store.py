@@ -127,6 +127,7 @@ def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path,
         con.execute("DROP TABLE evictions")
         con.execute("DROP INDEX blobs_not_ok")
         con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
+        con.execute("ALTER TABLE refs DROP COLUMN tag")
         con.execute(f"PRAGMA user_version = {READABLE_FROM}")
         con.commit()
     with Depot(read_only(home)) as depot:
@@ -137,6 +138,8 @@ def test_a_read_only_store_of_the_schema_before_is_read_as_it_is(tmp_path: Path,
         # trial; a node's /metrics and stats with them)
         assert depot.du().total_bytes > len(weights) and depot.budget_status().used_bytes > len(weights)
         assert depot.evictions() == []  # (no history in a schema before 15: none, not "no such table")
+        summary = depot.store.repo_summary("acme/q")  # (no refs.tag, no repos.hidden_at: branches, not gated)
+        assert (summary.tag_refs, summary.gated) == ((), False) and depot.store.origin("acme/q") is not None
     with closing(sqlite3.connect(home / "index.db")) as con:
         con.execute(f"PRAGMA user_version = {READABLE_FROM - 1}")
         con.commit()
@@ -765,6 +768,7 @@ def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(
         con.execute("DROP TABLE evictions")
         con.execute("DROP INDEX blobs_not_ok")
         con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
+        con.execute("ALTER TABLE refs DROP COLUMN tag")
         con.execute("PRAGMA user_version = 12")
         con.commit()
     old_node = subprocess.Popen(

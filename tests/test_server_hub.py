@@ -590,6 +590,50 @@ def test_last_commit_is_when_the_revision_came_and_gated_repos_say_so(
         open_node.stop()
 
 
+def test_a_tag_pulled_is_listed_as_a_tag_down_a_chain_of_nodes(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A git tag pulled (`pull -r v1.0`) became a branch: `list_repo_refs().tags` was always empty, and code
+    picking releases from it found none (an explorer's trial). The upstream's refs say what it is; a
+    branch stays a branch, and a node pulling from this one learns the tag from it."""
+    from liar import REPO, SHA, Liar
+
+    liar = Liar()
+    at = {"targetCommit": SHA}
+    liar.refs = {"branches": [{"name": "main", "ref": "refs/heads/main", **at},
+                              {"name": "stable", "ref": "refs/heads/stable", **at}],
+                 "tags": [{"name": "v1.0", "ref": "refs/tags/v1.0", **at},
+                          {"name": "elsewhere", "ref": "refs/tags/elsewhere", "targetCommit": "f" * 40}],
+                 "converts": []}  # fmt: skip
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", liar.url)
+    try:
+        with Depot(depot.home) as online:  # the fixture's depot was made offline
+            for revision in (
+                "v1.0",
+                "stable",
+                "elsewhere",
+            ):  # (a tag the refs put at another commit: a branch)
+                online.pull(REPO, revision=revision)
+    finally:
+        liar.stop()
+    node = LiveNode(depot)
+    try:
+        refs = HfApi(endpoint=node.url, token=False).list_repo_refs(REPO)
+        assert [(t.name, t.ref, t.target_commit) for t in refs.tags] == [("v1.0", "refs/tags/v1.0", SHA)]
+        assert sorted(b.name for b in refs.branches) == ["elsewhere", "stable"]
+        got = hf_hub_download(
+            REPO, "config.json", revision="v1.0", cache_dir=tmp_path / "client", endpoint=node.url
+        )
+        assert Path(got).read_bytes() == liar.files["config.json"]
+        monkeypatch.setenv("HF_ENDPOINT", node.url)
+        with Depot(tmp_path / "next") as downstream:
+            downstream.pull(REPO, revision="v1.0")
+            assert downstream.store.repo_summary(REPO).tag_refs == ("v1.0",)
+    finally:
+        node.stop()
+
+
 def test_what_a_node_does_not_serve_is_refused_clearly(node: LiveNode, tmp_path: Path) -> None:
 
     api = HfApi(endpoint=node.url, token=False)

@@ -86,6 +86,7 @@ class Manifest:
     card_data: dict[str, Any] = field(default_factory=dict)  # the upstream's ``cardData`` (checked)
     created_at: float | None = None  # the repo's creation and last change, as the upstream said them
     modified_at: float | None = None
+    revision_is_tag: bool = False  # the upstream lists ``revision`` as a git tag (not a branch)
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -292,6 +293,7 @@ def manifest_from_record(
         card_data=info.get("card_data") or {},
         created_at=info.get("created_at"),
         modified_at=info.get("modified_at"),
+        revision_is_tag=info.get("revision_is_tag") is True,
     )
 
 

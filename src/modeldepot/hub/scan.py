@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import sys
 import time
@@ -34,6 +35,7 @@ from modeldepot.transfer.ranged import MAX_REDIRECTS, Attempt, Reply, request
 from modeldepot.validation import (
     MAX_TAGS,
     from_upstream,
+    is_commit_id,
     is_label,
     validate_commit_id,
     validate_git_oid,
@@ -52,6 +54,8 @@ MAX_CONTAINERS = 5 * MAX_FILES  # JSON objects and arrays in it (a file has one 
 DEFAULT_TIMEOUT = 30.0  # seconds without a byte, unless the caller says
 WHOLE_ANSWER_TIMEOUT = 600.0  # seconds for the whole answer (a big repo's description on a slow link)
 _INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+
+log = logging.getLogger(__name__)
 
 
 def hub_token(configured: str | None) -> str | None:
@@ -122,7 +126,48 @@ def fetch_repo(
     if reply.status != 200:
         raise _refusal(reply, repo_id, revision, endpoint, token_name)
     info = _parsed(reply.body, f"{endpoint} (describing {repo_id})")
-    return (*_checked(endpoint, repo_id, info), reply.headers.get(PART_OF_COMMIT_HEADER) != "1")
+    spelled, commit_id, metadata, files = _checked(endpoint, repo_id, info)
+    if _may_be_a_tag(revision) and _is_tag(endpoint, repo_id, revision, commit_id, headers, timeout):
+        metadata["revision_is_tag"] = True
+    return spelled, commit_id, metadata, files, reply.headers.get(PART_OF_COMMIT_HEADER) != "1"
+
+
+MAX_REFS_ANSWER = 4 << 20  # bytes of a repo's refs listing taken from an upstream
+
+
+def _may_be_a_tag(revision: str) -> bool:
+    """Whether ``revision`` may name a git tag: a name, not main, a commit id nor a ``refs/...`` one."""
+    return revision != "main" and not revision.startswith("refs/") and not is_commit_id(revision.lower())
+
+
+def _is_tag(
+    endpoint: str, repo_id: str, revision: str, commit_id: str, headers: dict[str, str], timeout: float | None
+) -> bool:
+    """Whether the upstream's refs list ``revision`` as a tag at ``commit_id`` (and no branch of that name):
+    pulled, it is a tag here too (a tag pulled became a branch, and code picking releases from
+    ``list_repo_refs().tags`` found none: an explorer's trial). False when the refs cannot be had."""
+    url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/refs"
+    try:
+        reply = request("GET", url, headers, timeout or DEFAULT_TIMEOUT, MAX_REFS_ANSWER, Attempt(), MAX_REDIRECTS,
+                        total=WHOLE_ANSWER_TIMEOUT)  # fmt: skip
+        refs = _parsed(reply.body, f"{endpoint} (the refs of {repo_id})") if reply.status == 200 else None
+    except Exception as error:  # (the revision stays a branch: as before)
+        log.debug("%s: could not read the refs of %s: %s", endpoint, repo_id, error)
+        return False
+    if not isinstance(refs, dict):
+        return False
+
+    def named(kind: str) -> list[dict[str, Any]]:
+        listed = refs.get(kind)
+        return (
+            [ref for ref in listed if isinstance(ref, dict) and ref.get("name") == revision]
+            if isinstance(listed, list)
+            else []
+        )
+
+    return not named("branches") and any(
+        str(ref.get("targetCommit", "")).lower() == commit_id for ref in named("tags")
+    )
 
 
 def _parsed(body: bytes, source: str) -> object:

@@ -529,8 +529,10 @@ async def list_refs(request: web.Request) -> web.Response:
     explorer's trial)."""
     repo_id = await path_repo(request)
     refs: dict[str, str] = {}
+    tags: tuple[str, ...] = ()  # (of refs, the git tags a pull of one recorded so)
     try:
-        refs = dict((await _visible_repo(request, repo_id)).refs)
+        summary = await _visible_repo(request, repo_id)
+        refs, tags = dict(summary.refs), summary.tag_refs
     except RepoNotFoundError:
         if not await _mirrorable(request, repo_id):
             raise
@@ -551,14 +553,21 @@ async def list_refs(request: web.Request) -> web.Response:
             elif name == DEFAULT_BRANCH and not refs:
                 raise view
     include_prs = truthy(request.query.get("include_prs"))
-    branches, pulls = [], []
+    branches, tagged, pulls = [], [], []
     for name, commit_id in sorted(refs.items()):
         if name.startswith("refs/pr/"):
             pulls.append({"name": name, "ref": name, "targetCommit": commit_id})
+        elif name in tags:
+            tagged.append({"name": name, "ref": f"refs/tags/{name}", "targetCommit": commit_id})
         else:
             branches.append({"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit_id})
     return json_response(
-        {"branches": branches, "converts": [], "tags": [], **({"pullRequests": pulls} if include_prs else {})}
+        {
+            "branches": branches,
+            "converts": [],
+            "tags": tagged,
+            **({"pullRequests": pulls} if include_prs else {}),
+        }
     )
 
 

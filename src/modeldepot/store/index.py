@@ -253,12 +253,19 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX evictions_by_repo ON evictions (repo_id COLLATE NOCASE, at);
     CREATE INDEX blobs_not_ok ON blobs (sha256) WHERE state != 'ok'
     """,
+    # 16: whether a ref is a git tag upstream (a pull of a tag: `-r v1.0`), listed as one (a tag pulled was
+    # listed as a branch, and code picking releases from `list_repo_refs().tags` found none: an explorer's
+    # trial). Every ref so far is a branch.
+    """
+    ALTER TABLE refs ADD COLUMN tag INTEGER NOT NULL DEFAULT 0
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
 # version on: the migrations after it add what only writes use (linked_sources), or what a read does
 # without (commit_listings, revision_access: Index.schema says which it may ask; blobs_by_size;
-# repos.hidden_at, which a mirror's writes alone use, and 14's correction of it; evictions: no history read).
+# repos.hidden_at, which a mirror's writes alone use, and 14's correction of it; evictions: no history read;
+# refs.tag: every ref a branch).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10

@@ -93,6 +93,7 @@ class RepoSummary(_Record):
     # Private because its upstream gates it (card ``gated``, private on that upstream's word): described to
     # anyone, as the Hub describes a gated repo, its files only to requests with the node's token
     gated: bool = False
+    tag_refs: tuple[str, ...] = ()  # of ``refs``, those that are git tags upstream (pulled by one)
 
 
 class HeldRepo(NamedTuple):

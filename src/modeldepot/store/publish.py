@@ -90,6 +90,8 @@ class RevisionSpec:
     # import's --private): a repo private on its upstream's word is shown again once the upstream shows it
     # (``repos.hidden_at``, :meth:`~modeldepot.store.store.Store.show_repo_again`); the operator's stays
     private_by_upstream: bool = False
+    # Whether ``branch`` is a git tag upstream (a pull of one): listed as a tag
+    branch_is_tag: bool = False
 
 
 def commit_on_head(con: sqlite3.Connection, repo_id: str, branch: str, tree_oid: str) -> str:
@@ -368,10 +370,10 @@ def _point_ref(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> bool:
     learned = now if spec.branch_seen_at is None else min(spec.branch_seen_at, now)
     moved = was is None or was[0] != spec.commit_id
     con.execute(
-        "INSERT INTO refs (repo_id, name, commit_id, updated_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT "
-        "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, updated_at = CASE WHEN ?5 "
-        "THEN excluded.updated_at ELSE MAX(refs.updated_at, excluded.updated_at) END",
-        (spec.repo_id, spec.branch, spec.commit_id, learned, moved),
+        "INSERT INTO refs (repo_id, name, commit_id, updated_at, tag) VALUES (?1, ?2, ?3, ?4, ?6) ON CONFLICT "
+        "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, tag = excluded.tag, updated_at = CASE "
+        "WHEN ?5 THEN excluded.updated_at ELSE MAX(refs.updated_at, excluded.updated_at) END",
+        (spec.repo_id, spec.branch, spec.commit_id, learned, moved, spec.branch_is_tag),
     )
     return moved
 

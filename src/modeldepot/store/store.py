@@ -1059,10 +1059,14 @@ class Store:
             params * 2,
         )
         refs: dict[str, dict[str, str]] = {}
+        tags: dict[str, list[str]] = {}
+        tag = "tag" if self.index.schema >= 16 else "0 AS tag"  # (a store read where it cannot be upgraded)
         for ref in self.index.read(
-            f"SELECT repo_id, name, commit_id FROM refs {only} ORDER BY repo_id, name", params
+            f"SELECT repo_id, name, commit_id, {tag} FROM refs {only} ORDER BY repo_id, name", params
         ):
             refs.setdefault(ref["repo_id"], {})[ref["name"]] = ref["commit_id"]
+            if ref["tag"]:
+                tags.setdefault(ref["repo_id"], []).append(ref["name"])
         return [
             RepoSummary(
                 repo_id=row["repo_id"],
@@ -1074,6 +1078,7 @@ class Store:
                 size=row["bytes"],
                 quarantined=row["lost"],
                 gated=bool(row["gated"]),
+                tag_refs=tuple(tags.get(row["repo_id"], ())),
                 card=json.loads(row["card"]),
                 created_at=row["created_at"],
                 updated_at=row["updated_at"],

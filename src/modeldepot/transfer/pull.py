@@ -450,7 +450,8 @@ def revision_spec(manifest: Manifest, branch: str | None) -> RevisionSpec:
     # (offline, the manifest is what the store holds: the repo's origin stays)
     origin = None if manifest.endpoint == IMPORTED_ENDPOINT else manifest.endpoint
     return RevisionSpec(manifest.repo_id, manifest.commit_id, branch, private, origin, card,
-                        branch_seen_at=seen_at, private_by_upstream=True)  # fmt: skip
+                        branch_seen_at=seen_at, private_by_upstream=True,
+                        branch_is_tag=manifest.revision_is_tag and branch == manifest.revision)  # fmt: skip
 
 
 def _swarm_counts(swarms: list[SwarmFile]) -> dict[str, int]:
