@@ -1610,6 +1610,9 @@ def test_a_gated_upstream_repo_is_described_to_anyone_and_its_files_take_the_tok
         described_gated_and_closed("anyone-before")  # from the upstream's scan: nothing held yet
         assert download("node-token", "member") == liar.files["config.json"]
         assert mirror.depot.repo_info(REPO).private
+        # Held now, and scanned again: still the gated repo, not one private (the store's flag was taken for
+        # the upstream's, and the repo hidden whole at its next scan, a review's trial)
+        described_gated_and_closed("anyone-held-scanned")
         liar.refusal = (503, {}, b"upstream connect error")  # the upstream out of reach: the store answers
         described_gated_and_closed("anyone-held")
         assert [m["id"] for m in requests.get(f"{mirror.url}/api/models", timeout=30).json()] == [REPO]

@@ -551,6 +551,7 @@ def test_last_commit_is_when_the_revision_came_and_gated_repos_say_so(
     try:
         with Depot(depot.home) as online:  # the fixture's depot was made offline
             online.pull(REPO)  # a gated upstream repo
+            online.pull(REPO)  # (pulled again: still gated, not taken for private by its own flag, a review)
     finally:
         liar.stop()
     node = LiveNode(depot, token="t")
@@ -582,8 +583,25 @@ def test_last_commit_is_when_the_revision_came_and_gated_repos_say_so(
             REPO, "config.json", cache_dir=tmp_path / "member", endpoint=open_node.url, token="ctl"
         )
         assert Path(got).read_bytes() == liar.files["config.json"]
-        with depot.store.index.write() as con:  # the operator's private repo stays hidden whole
-            con.execute("UPDATE repos SET hidden_at = NULL")
+        # Hidden whole: the operator's private repo; a row an older modeldepot wrote (its card said `gated` of
+        # private upstream repos too, a review's trial); a repo its upstream made private since, whatever
+        # branch a pull then brought
+        for change in ("gated_only = 0", "hidden_at = NULL"):
+            with depot.store.index.write() as con:
+                con.execute(f"UPDATE repos SET {change}")
+            with pytest.raises(RepositoryNotFoundError):
+                anyone.model_info(REPO)
+            with depot.store.index.write() as con:
+                con.execute("UPDATE repos SET gated_only = 1, hidden_at = 1")
+            assert anyone.model_info(REPO).gated == "manual"
+        liar = Liar()
+        liar.lie(private=True)
+        monkeypatch.setenv("HF_ENDPOINT", liar.url)
+        try:
+            with Depot(depot.home) as online:
+                online.pull(REPO, revision="dev")
+        finally:
+            liar.stop()
         with pytest.raises(RepositoryNotFoundError):
             anyone.model_info(REPO)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Iterable
@@ -87,6 +86,8 @@ class Manifest:
     created_at: float | None = None  # the repo's creation and last change, as the upstream said them
     modified_at: float | None = None
     revision_is_tag: bool = False  # the upstream lists ``revision`` as a git tag (not a branch)
+    # What the upstream said of the repo (``private`` is the store's word too: current_manifest)
+    upstream_private: bool = False
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:
@@ -289,6 +290,7 @@ def manifest_from_record(
         other=tuple(body["other"]),
         variants=tuple(variants),
         private=bool(info.get("private", False)),
+        upstream_private=bool(info.get("private", False)),
         weights_described={name: info[name] for name in ("safetensors", "gguf") if info.get(name)},
         card_data=info.get("card_data") or {},
         created_at=info.get("created_at"),
@@ -571,10 +573,13 @@ def current_manifest(store: Store, repo_id: str) -> Manifest:
         return seen[key]
 
     manifest = _held_in_part(store, lost_since(store, manifest_from_record(record, running, kept)))
-    with contextlib.suppress(NotFoundError):  # (held: private when the store or the upstream says so)
+    stored = store.origin(manifest.repo_id)
+    if stored is not None:  # (held: private when the store or the upstream says so)
         # A pull into a private repo saved the upstream's "public", and its manifest was served to anyone;
         # and a repo the upstream made private after a pull stayed public on a mirror, new commits and all.
-        private = store.repo_private(manifest.repo_id) or manifest.private
+        # Not one private here only because its upstream gates it: described to anyone (a held gated repo
+        # was taken for a private one, and hidden whole at its next scan, a review's trial)
+        private = (stored.private and not stored.gated) or manifest.private
         manifest = dataclasses.replace(manifest, private=private)
     if not manifest.other:
         return manifest

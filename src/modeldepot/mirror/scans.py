@@ -150,7 +150,7 @@ class UpstreamScans:
             if manifest.private or manifest.gated:
                 # (what the store holds of it answers commit ids and listings: behind the token now, too; a
                 # gated one's described to anyone, as the upstream describes it)
-                gated = False if manifest.private else manifest.gated
+                gated = False if manifest.upstream_private else manifest.gated
                 await self._hide(manifest.repo_id, "private upstream now", gated=gated)
             self._manifests[key] = (time.monotonic(), manifest)
             self._scan_failed.pop(key, None)

@@ -259,13 +259,20 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE refs ADD COLUMN tag INTEGER NOT NULL DEFAULT 0
     """,
+    # 17: a repo private on its upstream's word only because that upstream gates it (not private there):
+    # described to anyone, as the Hub describes it, its files behind the node's token (RepoSummary.gated).
+    # Set by a scan or pull from this version on: a row before it stays hidden whole until its upstream
+    # says so again (a card's `gated` was written for private upstream repos too, a review's trial).
+    """
+    ALTER TABLE repos ADD COLUMN gated_only INTEGER NOT NULL DEFAULT 0
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
 # version on: the migrations after it add what only writes use (linked_sources), or what a read does
 # without (commit_listings, revision_access: Index.schema says which it may ask; blobs_by_size;
 # repos.hidden_at, which a mirror's writes alone use, and 14's correction of it; evictions: no history read;
-# refs.tag: every ref a branch).
+# refs.tag: every ref a branch; repos.gated_only: none described).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10

@@ -92,6 +92,9 @@ class RevisionSpec:
     private_by_upstream: bool = False
     # Whether ``branch`` is a git tag upstream (a pull of one): listed as a tag
     branch_is_tag: bool = False
+    # With ``private_by_upstream``: whether the upstream gates the repo rather than hides it (described to
+    # anyone, its files behind the token: RepoSummary.gated). The repo's, whatever branch is published
+    gated_only: bool = False
 
 
 def commit_on_head(con: sqlite3.Connection, repo_id: str, branch: str, tree_oid: str) -> str:
@@ -389,10 +392,10 @@ def _record_repo(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> Non
     upstreams_word = bool(spec.private) and spec.private_by_upstream
     if row is None:
         con.execute(
-            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at, hidden_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO repos (repo_id, private, origin, card, created_at, updated_at, hidden_at, gated_only) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (spec.repo_id, int(bool(spec.private)), spec.origin or "import", json.dumps(spec.card), now, now,
-             now if upstreams_word else None),
+             now if upstreams_word else None, upstreams_word and spec.gated_only),
         )  # fmt: skip
         return
     private, hidden_at = bool(row[0]), row[3]
@@ -400,6 +403,14 @@ def _record_repo(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> Non
         private, hidden_at = spec.private, None
     elif upstreams_word and not private:  # (public here until now: private on the upstream's word)
         private, hidden_at = True, now
+    if spec.private is not None:
+        # Gated only while the upstream says so, of a repo hidden on its word alone (not its operator's): the
+        # repo's, set by a branch's pull as by main's (a branch of a repo private upstream since kept it
+        # described, a review's trial)
+        con.execute(
+            "UPDATE repos SET gated_only = ? WHERE repo_id = ?",
+            (upstreams_word and spec.gated_only and hidden_at is not None, spec.repo_id),
+        )
     origin, card = row[1], json.loads(row[2])
     has_main = con.execute(
         "SELECT 1 FROM refs WHERE repo_id = ? AND name = ?", (spec.repo_id, DEFAULT_BRANCH)

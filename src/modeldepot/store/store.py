@@ -69,10 +69,8 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A condition on blobs ``b``: a public repo's file has the content (it may be served without the node's token)
-# A repo private on its upstream's word because that upstream gates it (RepoSummary.gated): the card's
-# ``gated`` is the upstream's (a pull of a private repo, or a hide of one, records false)
-_GATED = ("(r.private = 1 AND r.hidden_at IS NOT NULL "
-          "AND COALESCE(json_extract(r.card, '$.gated'), 0) IN (1, 'auto', 'manual'))")  # fmt: skip
+# A repo private on its upstream's word only because that upstream gates it (RepoSummary.gated)
+_GATED = "(r.private = 1 AND r.hidden_at IS NOT NULL AND r.gated_only = 1)"
 _PUBLIC = " AND EXISTS (SELECT 1 FROM files f JOIN repos r USING (repo_id) WHERE f.sha256 = b.sha256 AND r.private = 0)"
 _FILE_COLUMNS = "f.repo_id, f.commit_id, f.path, f.size, f.sha256, f.git_oid, f.lfs, b.chunk_size, b.state"
 
@@ -440,9 +438,9 @@ class Store:
         )
 
     def _gated(self) -> str:
-        """The SQL of RepoSummary.gated, of a row of ``repos r`` (none before ``hidden_at``: a store read
+        """The SQL of RepoSummary.gated, of a row of ``repos r`` (none before ``gated_only``: a store read
         where it cannot be upgraded)."""
-        return _GATED if self.index.schema >= 13 else "0"
+        return _GATED if self.index.schema >= 17 else "0"
 
     # -- reading bytes --------------------------------------------------------------------------------
 
@@ -983,24 +981,25 @@ class Store:
     def hide_repo(self, repo_id: str, gated: bool | str = False) -> bool:
         """Make a held repo private on its upstream's word (its upstream made it so: a mirror must not go on
         serving it to anyone); ``gated``: the upstream's flag when it gates the repo rather than hides it
-        (described to anyone, its files behind the node's token), False when it hides it. Whether it was
-        public. Nothing when the store does not hold it, or its operator made it private."""
+        (described to anyone, its files behind the node's token), False when it hides it. Whether that
+        changed what anyone without the token sees. Nothing when the store does not hold it, or its operator
+        made it private."""
         validate_repo_id(repo_id)
         rows = self.index.read(
-            "SELECT repo_id, private, json_extract(card, '$.gated') AS gated FROM repos WHERE repo_id = ? COLLATE "
-            "NOCASE AND (private = 0 OR hidden_at IS NOT NULL)",
+            "SELECT repo_id, private, gated_only FROM repos WHERE repo_id = ? COLLATE NOCASE AND (private = 0 "
+            "OR hidden_at IS NOT NULL)",
             (repo_id,),
         )
-        if not rows or (rows[0]["private"] and (rows[0]["gated"] or False) == (gated or False)):
+        if not rows or (rows[0]["private"] and bool(rows[0]["gated_only"]) == bool(gated)):
             return False  # (private already as said, its operator's, or not held: no write)
         with self.index.write(f"making {repo_id} private") as con:
             con.execute(
-                "UPDATE repos SET private = 1, hidden_at = COALESCE(hidden_at, ?), "
+                "UPDATE repos SET private = 1, hidden_at = COALESCE(hidden_at, ?), gated_only = ?, "
                 "card = json_set(card, '$.gated', json(?)) WHERE repo_id = ? AND (private = 0 OR hidden_at "
                 "IS NOT NULL)",
-                (time.time(), json.dumps(gated), rows[0]["repo_id"]),
+                (time.time(), bool(gated), json.dumps(gated), rows[0]["repo_id"]),
             )
-        return not rows[0]["private"]
+        return True
 
     def hidden_by_upstream(self, repo_id: str) -> bool:
         """Whether the repo is private on its upstream's word (:meth:`show_repo_again` may undo it)."""
@@ -1020,8 +1019,8 @@ class Store:
             return False
         with self.index.write(f"showing {repo_id} again") as con:
             done = con.execute(  # (gated no longer either: it would say so of a file served to anyone)
-                "UPDATE repos SET private = 0, hidden_at = NULL, card = json_set(card, '$.gated', json('false')) "
-                "WHERE repo_id = ? AND hidden_at IS NOT NULL",
+                "UPDATE repos SET private = 0, hidden_at = NULL, gated_only = 0, card = json_set(card, '$.gated', "
+                "json('false')) WHERE repo_id = ? AND hidden_at IS NOT NULL",
                 (rows[0]["repo_id"],),
             )
             return done.rowcount > 0

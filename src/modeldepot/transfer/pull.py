@@ -440,8 +440,9 @@ def revision_spec(manifest: Manifest, branch: str | None) -> RevisionSpec:
     of moves only if the store learned of no other commit for it after the scan (its ``scanned_at``): a
     pull that ran on a scan kept a while (a mirror's) must not move the branch back over a newer one."""
     # What was private or gated upstream stays behind this node's token; a repo private here stays so. A
-    # gated one is described to anyone, as the Hub describes it (RepoSummary.gated): not a private one
-    gated = False if manifest.private else manifest.gated
+    # gated one is described to anyone, as the Hub describes it (RepoSummary.gated): not a private one.
+    # (The upstream's word: ``private`` is the store's too, and a pull of a gated repo held made it private)
+    gated = False if manifest.upstream_private else manifest.gated
     card = upstream_card(
         manifest.pipeline_tag, manifest.library_name, manifest.tags, gated, manifest.card_data
     )
@@ -450,7 +451,7 @@ def revision_spec(manifest: Manifest, branch: str | None) -> RevisionSpec:
     # (offline, the manifest is what the store holds: the repo's origin stays)
     origin = None if manifest.endpoint == IMPORTED_ENDPOINT else manifest.endpoint
     return RevisionSpec(manifest.repo_id, manifest.commit_id, branch, private, origin, card,
-                        branch_seen_at=seen_at, private_by_upstream=True,
+                        branch_seen_at=seen_at, private_by_upstream=True, gated_only=bool(gated),
                         branch_is_tag=manifest.revision_is_tag and branch == manifest.revision)  # fmt: skip
 
 
