@@ -446,6 +446,24 @@ def test_load_pulls_a_missing_variant_first(
         )
 
 
+def test_a_load_that_pulls_a_variant_removed_beside_it_lets_go_of_the_old_engine(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm --quant` beside a worker, then its next load within LOOK_EVERY: the variant was pulled again and
+    the cached engine, mapping the removed blob, handed out over the new copy, the model taking twice its
+    room until the worker ended (an explorer's trial, with a 40 GB GGUF in mind). Let go of first now."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as local:
+        first = local.load(REPO, "fp16", warmup=0)
+        with Depot(local.home) as beside:  # (another process's Depot: nothing of this one's memory)
+            beside.remove(REPO, quant="fp16")
+        local._held._next_look = time.monotonic() + 3600  # (within LOOK_EVERY of the last look)
+        again = local.load(REPO, "fp16", warmup=0)
+        assert again is not first and local.engines.stats().evictions == 1
+        assert local.du().blob_bytes == sum(f.size for f in local.repo_info(REPO).revisions[0].files)
+
+
 def test_a_load_of_a_variant_with_the_wrong_engine_pulls_nothing_and_evicts_nothing(
     upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -897,6 +897,10 @@ class Depot(Upkeep):
             if self.store.read_only:  # (before a scan: the network is not what refuses it)
                 raise ReadOnlyStoreError(f"the store at {self.home} is {self.store.read_only_said()}: it pulls "
                                          "nothing (pull it where the store is writable)")  # fmt: skip
+            # What another process removed is let go of now, not at the next look: once pulled again, its rows
+            # are back, and the cached engine mapping the removed blob was handed out over the new copy, the
+            # model taking twice its room until the worker ended (an explorer's trial: `rm --quant`, then a load)
+            self._held.let_go_of_removed()
             manifest = self.manifest_for(repo, rev)
             imported = self._check_completes_import(repo, rev, manifest)
             chosen = choose(manifest, variant)
