@@ -10,6 +10,7 @@ no control characters, no segment that percent-decodes (once or repeatedly) into
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import unicodedata
@@ -94,8 +95,17 @@ _REPO_URL = re.compile(r"(?:https?://)?[^/]+\.[a-z]+/(?:models/)?([^/]+/[^/]+?)(
 
 
 def _as_an_id(text: str) -> str:
-    """What to type for a repo given as its web page's URL (pasted from a browser), or with no org: said as the
-    error's hint (a URL read as an id with two '/' too many said nothing of what was meant: a trial)."""
+    """What to type for a repo given as its web page's URL (pasted from a browser), with no org, or with a
+    quantization after a ':' (as llama.cpp's `-hf` and Ollama's `hf.co/` take it): said as the error's hint (a
+    URL read as an id with two '/' too many said nothing of what was meant: a trial)."""
+    text, colon, tag = text.partition(":") if not text.lower().startswith(("http:", "https:")) else (text, "", "")
+    if colon:
+        said = _as_an_id(text)
+        with contextlib.suppress(InvalidRepoIdError):
+            said = said or f": give the id alone ({validate_repo_id(text)!r})"
+        if said and _REF_SEGMENT.fullmatch(tag):  # (a quantization: the CLI's -q, the API's quant=)
+            return f"{said}, and the quantization apart (-q {tag}, quant={tag!r})"
+        return said
     if "/" not in text and text:
         return f": give its org too (like 'ORG/{text}', as the Hub names it)"
     found = _REPO_URL.fullmatch(
@@ -129,7 +139,7 @@ def validate_repo_id(repo_id: object) -> str:
         if not _REPO_PART.fullmatch(part):
             raise InvalidRepoIdError(
                 f"repo id {shown}: org and name may use only letters, digits, '-', '_' and '.', "
-                "and must start with a letter or digit"
+                "and must start with a letter or digit" + (_as_an_id(repo_id) if ":" in repo_id else "")
             )
         if "--" in part or ".." in part:
             raise InvalidRepoIdError(f"repo id {shown} may not contain '--' or '..'")
