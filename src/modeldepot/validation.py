@@ -98,7 +98,9 @@ def _as_an_id(text: str) -> str:
     """What to type for a repo given as its web page's URL (pasted from a browser), with no org, or with a
     quantization after a ':' (as llama.cpp's `-hf` and Ollama's `hf.co/` take it): said as the error's hint (a
     URL read as an id with two '/' too many said nothing of what was meant: a trial)."""
-    text, colon, tag = text.partition(":") if not text.lower().startswith(("http:", "https:")) else (text, "", "")
+    text, colon, tag = (
+        text.partition(":") if not text.lower().startswith(("http:", "https:")) else (text, "", "")
+    )
     if colon:
         said = _as_an_id(text)
         with contextlib.suppress(InvalidRepoIdError):
