@@ -474,3 +474,47 @@ def test_a_missing_gguf_package_is_said_before_the_cache_makes_room(
     with pytest.raises(ConfigError, match="'gguf' package"):
         single.load(REPO, "Q8_0", engine="gguf")
     assert single.engines.stats().evictions == 0
+
+
+def test_a_quant_left_behind_by_a_pull_of_another_is_found_at_its_older_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user holds Q4_K_M; the upstream changes it; the user pulls Q8_0: main moves to the new commit and
+    Q4_K_M stays at the old one only. `path -q Q4_K_M` (what llama-server -m gets) and an offline load failed
+    while its bytes were on disk, the advice to download it again (an explorer's trial). They take it from
+    the older revision, saying so; a commit id asked for stays that commit's."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    source = tmp_path / "source"
+    source.mkdir()
+    write_gguf(source / "tiny-Q4_K_M.gguf")
+    write_gguf(source / "tiny-Q8_0.gguf")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(source, REPO)
+        node = LiveNode(node_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[node.url]) as local:
+                local.pull(REPO, "Q4_K_M")
+                old = local.resolve(REPO)
+                (source / "tiny-Q4_K_M.gguf").write_bytes(
+                    (source / "tiny-Q4_K_M.gguf").read_bytes() + b"\0" * 32
+                )
+                node_depot.import_dir(source, REPO)  # (a new Q4_K_M upstream)
+                local.pull(REPO, "Q8_0")
+                assert local.resolve(REPO) != old
+        finally:
+            node.stop()
+    said = CliRunner().invoke(cli, ["path", REPO, "-q", "Q4_K_M", "--home", str(tmp_path / "local")])
+    assert said.exit_code == 0, said.output
+    found = Path(said.stdout.strip())
+    assert found.name == "tiny-Q4_K_M.gguf" and found.parent.name == old, said.output
+    assert f"this is Q4_K_M of {old[:12]}, an older revision" in said.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Depot(tmp_path / "local") as offline:
+        check_values(offline.load(REPO, "Q4_K_M", engine="gguf"))
+        with pytest.raises(NotFoundError):  # (by the new commit's id: that one's, not an older one's)
+            offline.load(REPO, "Q4_K_M", revision=offline.resolve(REPO), engine="gguf")

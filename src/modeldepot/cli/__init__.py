@@ -296,7 +296,7 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str, qu
         raise click.UsageError("give FILE or --quant, not both")
     with _near_misses(depot, repo_id, revision):
         if quant is not None:  # (a script had to know a quant's file name: an explorer's trial)
-            path = _model_file_of(depot, repo_id, revision, quant)
+            revision, path = _model_file_of(depot, repo_id, revision, quant)
         found = depot.file_path(repo_id, path, revision) if path else depot.snapshot_path(repo_id, revision)
     render.stdout.write(f"{found}\n")  # (a write that fails is one line: OutputError)
     render.stdout.flush()
@@ -326,16 +326,29 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str, qu
             )
 
 
-def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> str:
-    """The model file of variant ``quant`` the store holds of the revision, as a load picks it."""
+def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> tuple[str, str]:
+    """(commit, model file) of variant ``quant`` the store holds of the revision, as a load picks it; of a
+    branch whose commit lacks it, the newest older revision's that holds it whole, said on stderr (a pull
+    of another variant moved the branch past one the upstream changed since: an explorer's trial)."""
     from modeldepot.engines.adapters import model_file
-    from modeldepot.engines.loading import DEFAULT_SUFFIXES, saved_listing
+    from modeldepot.engines.loading import DEFAULT_SUFFIXES, held_at_another_commit, saved_listing
+    from modeldepot.validation import is_commit_id
 
     commit_id = depot.resolve(repo_id, revision)
     held = [entry.path for entry in depot.list_files(repo_id, commit_id)]
     try:
-        return model_file(held, quant, DEFAULT_SUFFIXES)
+        return commit_id, model_file(held, quant, DEFAULT_SUFFIXES)
     except NotFoundError as lacking:
+        older = (
+            None if is_commit_id(revision) else held_at_another_commit(depot.store, repo_id, commit_id, quant)
+        )
+        if older is not None:
+            render.err.print(
+                f"[yellow]note:[/yellow] {escape(revision)} is at {commit_id[:12]}, which the store does not hold "
+                f"{escape(quant)} of: this is {escape(quant)} of {older[0][:12]}, an older revision (`modeldepot pull "
+                f"{escape(shlex.quote(repo_id))} -q {escape(shlex.quote(quant))}` fetches {escape(revision)}'s)"
+            )
+            return older
         # A pull is said only of a variant the commit has, of a repo pulled here (of an imported one, a pull
         # asks the Hub for another repo of its name; of a typo, the upstream has none either: a review)
         listed = saved_listing(depot.store, repo_id, commit_id)

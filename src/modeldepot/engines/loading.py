@@ -46,7 +46,7 @@ from modeldepot.errors import (
     RevisionNotFoundError,
     VariantNotFoundError,
 )
-from modeldepot.hub.manifest import Manifest, listed_files
+from modeldepot.hub.manifest import Manifest, kept_listing, listed_files
 from modeldepot.hub.variants import (
     files_of_other_variants,
     gguf_shard_names,
@@ -471,6 +471,16 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                 # it is pulled, as a store that held none would (the store held an ONNX variant, and
                 # load(engine="safetensors") said the repo had no .safetensors file: an explorer's trial)
                 raise
+            if (
+                offline
+                and quant is not None
+                and not is_commit_id(revision)
+                and (older := held_at_another_commit(store, repo_id, commit_id, quant, suffixes))
+            ):
+                log.warning("%s: %s at %s does not hold %s whole; loading it from %s, an older revision that does "
+                            "(offline: the branch's is not pulled)", repo_id, revision, commit_id[:12], quant,
+                            older[0][:12])  # fmt: skip
+                return older
             if offline:  # (said: "no variant 'Q8_0' here" read as a repo without it, not a pull not tried)
                 # (a variant the store lacks stays one: `except VariantNotFoundError` missed it, an explorer's trial)
                 kind = VariantNotFoundError if isinstance(missing, VariantNotFoundError) else NotFoundError
@@ -497,6 +507,34 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     if absent_there := _listing_lacks_it_too(store, repo_id, commit_id, quant, suffixes, file):
         raise absent_there  # (the store has what the commit has: "the store lacks" sent users to pull again)
     return commit_id, model_file(_held_paths(store, repo_id, commit_id), quant, suffixes, file)
+
+
+def held_at_another_commit(
+    store: Store, repo_id: str, commit_id: str, quant: str, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
+) -> tuple[str, str] | None:
+    """(commit, model file) of the newest other revision of the repo that holds variant ``quant`` whole, or
+    None. A pull of another variant moves the branch to the upstream's new commit and leaves behind a
+    variant the upstream changed since (its files are not that commit's): `path -q` and an offline load of
+    it failed while its bytes were on disk, the advice only to download it again (an explorer's trial)."""
+    try:
+        revisions = store.revisions(repo_id)
+    except NotFoundError:  # (removed meanwhile: the load's own error says so)
+        return None
+    for other, _created in revisions:
+        if other == commit_id:
+            continue
+        try:
+            held = _held_paths(store, repo_id, other)
+            found = model_file(held, quant, suffixes)
+        except NotFoundError:
+            continue
+        listed = kept_listing(store, repo_id, other)
+        if listed is not None:  # (whole by its commit's listing: a split model's every shard, its data)
+            variant = group_files(f.path for f in listed).find_for(quant, engine_kinds(suffixes))
+            if variant is None or set(variant.files) - set(held):
+                continue
+        return other, found
+    return None
 
 
 def _held_paths(store: Store, repo_id: str, commit_id: str) -> list[str]:
