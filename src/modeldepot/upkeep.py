@@ -3,6 +3,7 @@ budget with its pins. A mixin: it works on the depot's own store, tiers and what
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -15,6 +16,7 @@ from modeldepot.errors import (
     NotFoundError,
     PullRunningError,
     RepoNotFoundError,
+    RevisionNotFoundError,
     VariantNotFoundError,
 )
 from modeldepot.guards import any_case, own_store, writes
@@ -173,9 +175,7 @@ class Upkeep:
             raise PullRunningError(f"a pull of {repo_id} is running{who}: nothing was removed; remove it once the "
                                    "pull ends, or stop the pull first", repo_id=repo_id)  # fmt: skip
         if quant is not None:
-            commit_id, result = remove_variant(self.store, repo_id, revision or "main", quant)
-            self._held.let_go_of(repo_id, [commit_id], result.files_removed)
-            return result.seen_held()
+            return self._remove_variant(repo_id, revision, quant).seen_held()
         try:
             result = remove_repo(self.store, repo_id, revision)
         except RepoNotFoundError:
@@ -192,6 +192,35 @@ class Upkeep:
         for gone in result.commits if revision is not None else ():
             self.store.budget.forget_history(repo_id, gone)
         return result.seen_held()
+
+    def _remove_variant(self, repo_id: str, revision: str | None, quant: str) -> RemoveResult:
+        """The variant's own files from ``revision``; without one, from main and from every older revision
+        no ref names (an update of the upstream's left them behind: `rm --quant` freed main's copy alone,
+        and the one it replaced kept its room, shown nowhere but `du` and `info`, an explorer's trial)."""
+        results: list[tuple[str, RemoveResult]] = []
+        lacking: NotFoundError | None = None
+        try:
+            results.append(remove_variant(self.store, repo_id, revision or "main", quant))
+        except (VariantNotFoundError, RevisionNotFoundError) as error:
+            if revision is not None:
+                raise
+            lacking = error
+        for older in self.store.detached_revisions(repo_id) if revision is None else ():
+            with contextlib.suppress(VariantNotFoundError, RevisionNotFoundError):  # (gone meanwhile too)
+                results.append(remove_variant(self.store, repo_id, older, quant))
+        if not results:
+            assert lacking is not None
+            raise lacking
+        for commit_id, result in results:
+            self._held.let_go_of(repo_id, [commit_id], result.files_removed)
+        done = [result for _, result in results]
+        return RemoveResult(
+            repo_id, tuple(commit for result in done for commit in result.commits),
+            sum(r.blobs_removed for r in done), sum(r.bytes_freed for r in done),
+            bytes_still_linked=sum(r.bytes_still_linked for r in done),
+            files_removed=tuple(path for result in done for path in result.files_removed),
+            deleted=tuple(d for result in done for d in result.deleted),
+        )  # fmt: skip
 
     def _shared_holder(self, repo_id: str) -> Store | None:
         """The first shared store that holds ``repo_id``, if any."""

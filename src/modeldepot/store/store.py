@@ -1085,6 +1085,16 @@ class Store:
             for row in rows
         ]
 
+    def detached_revisions(self, repo_id: str) -> list[str]:
+        """The commits of a repo no ref names (left behind as a branch moved on), newest first."""
+        validate_repo_id(repo_id)
+        rows = self.index.read(
+            "SELECT commit_id FROM revisions v WHERE repo_id = ? AND NOT EXISTS (SELECT 1 FROM refs r WHERE "
+            "r.repo_id = v.repo_id AND r.commit_id = v.commit_id) ORDER BY created_at DESC, commit_id",
+            (repo_id,),
+        )
+        return [row["commit_id"] for row in rows]
+
     def revisions(self, repo_id: str) -> list[tuple[str, float]]:
         """A repo's revisions as (commit id, when it was imported or pulled), newest first."""
         validate_repo_id(repo_id)
