@@ -343,6 +343,16 @@ def test_a_split_model_its_commit_lacks_a_shard_of_is_said_at_the_pull_and_the_l
                     local.load(REPO, "Q8_0", engine="gguf")
         finally:
             node.stop()
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    # `path -q` says so too: "the store lacks" sent users to pull again, which changed nothing (a trial)
+    said = CliRunner().invoke(cli, ["path", REPO, "-q", "Q8_0", "--home", str(tmp_path / "local")])
+    assert said.exit_code == 1 and "its commit" in said.output and "lacks tiny-Q8_0-00002" in said.output, (
+        said.output
+    )
+    assert "the store lacks" not in said.output
 
 
 def test_a_file_that_is_not_gguf_is_a_clear_error_and_not_cached(depot: Depot, tmp_path: Path) -> None:

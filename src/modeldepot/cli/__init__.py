@@ -332,6 +332,7 @@ def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> tup
     of another variant moved the branch past one the upstream changed since: an explorer's trial)."""
     from modeldepot.engines.adapters import model_file
     from modeldepot.engines.loading import DEFAULT_SUFFIXES, held_at_another_commit, saved_listing
+    from modeldepot.hub.variants import group_files
     from modeldepot.validation import is_commit_id
 
     commit_id = depot.resolve(repo_id, revision)
@@ -354,11 +355,19 @@ def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> tup
         listed = saved_listing(depot.store, repo_id, commit_id)
         origin = depot.repo_info(repo_id).origin
         advice = ""
-        if listed is not None and origin != "import":
-            with contextlib.suppress(NotFoundError):
-                model_file(listed, quant, DEFAULT_SUFFIXES)
-                advice = (f" (its commit has it: `modeldepot pull {shlex.quote(repo_id)} -r {commit_id} -q "
-                          f"{shlex.quote(quant)}` fetches it)")  # fmt: skip
+        if listed is not None:
+            try:
+                model_file(listed, quant, DEFAULT_SUFFIXES, holder=f"its commit {commit_id[:12]}")
+            except NotFoundError as absent:
+                if group_files(listed).find(quant) is not None:
+                    # (the commit has the variant without a shard of it, which its upstream never had: "the
+                    # store lacks" sent users to pull again, which changed nothing, where a load said the
+                    # commit lacks it, an explorer's trial)
+                    raise NotFoundError(f"{repo_id}@{commit_id[:12]}: {absent}", repo_id=repo_id) from None
+            else:
+                if origin != "import":
+                    advice = (f" (its commit has it: `modeldepot pull {shlex.quote(repo_id)} -r {commit_id} -q "
+                              f"{shlex.quote(quant)}` fetches it)")  # fmt: skip
         raise NotFoundError(f"{repo_id}@{commit_id[:12]}: {lacking}{advice}", repo_id=repo_id) from None
 
 
