@@ -611,6 +611,11 @@ def test_a_killed_pull_resumes_fetching_only_the_missing_chunks(
     with Depot(home) as depot:
         variant = depot.get_manifest(REPO).variants[0]
         assert (variant.status, variant.error, variant.resumable) == ("failed", INTERRUPTED, True)
+        # `ls` says what is kept, and how to resume it (it said "the store is empty": an explorer's trial)
+        listed = subprocess.run([sys.executable, "-m", "modeldepot", "ls", "--home", str(home)],
+                                env=_subprocess_env(proxy), capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert f"An interrupted pull of {REPO}" in " ".join(listed.stdout.split()), listed.stdout
+        assert f"`modeldepot pull {REPO}` resumes it" in " ".join(listed.stdout.split()), listed.stdout
         second = proxy.set("pass")
         result = subprocess.run(
             [sys.executable, "-m", "modeldepot", "pull", REPO, "--home", str(home), "--json"],

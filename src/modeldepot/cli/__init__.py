@@ -221,7 +221,16 @@ def import_command(
 def ls_command(depot: Depot, as_json: bool) -> None:
     """List the repos in the store."""
     repos = depot.list_repos()
-    render.emit(as_json, [repo.to_dict() for repo in repos], lambda: render.render_ls(repos, depot.home))
+
+    def human() -> None:
+        render.render_ls(repos, depot.home)
+        if len(repos) < render.LARGE_TABLE:  # (a look at every saved scan: not of thousands)
+            # (a killed pull left 240 MiB of downloads, and `ls` said "the store is empty": an explorer's trial)
+            render.render_interrupted(
+                [manifest for manifest in depot.list_manifests() if manifest.interrupted()]
+            )
+
+    render.emit(as_json, [repo.to_dict() for repo in repos], human)
 
 
 @cli.command("info")

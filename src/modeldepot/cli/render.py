@@ -368,6 +368,19 @@ class PullView:
             progress.remove_task(self._files.pop(update.path))
 
 
+def render_interrupted(manifests: list[Manifest]) -> None:
+    """The pulls stopped before they finished, whose downloads are kept for a resume: said below a listing
+    that does not show them."""
+    for manifest in manifests:
+        stopped = manifest.interrupted()
+        kept = sum(variant.bytes_done for variant in stopped)
+        out.print(
+            f"An interrupted pull of {escape(manifest.repo_id)} ({escape(', '.join(v.name for v in stopped))}) "
+            f"keeps {format_bytes(kept)}: `modeldepot pull {escape(manifest.repo_id)}` resumes it "
+            "(`modeldepot status` shows it, `modeldepot gc --partials` drops it)"
+        )
+
+
 def render_ls(repos: list[RepoSummary], home: Path | None = None) -> None:
     if not repos:  # (the folder named: a mistyped --home shows here, as a store made empty just now)
         where = f" at {home}" if home is not None else ""
