@@ -705,6 +705,10 @@ def test_a_pull_the_disk_lacks_room_for_deletes_the_downloads_other_pulls_gave_u
         own_kept = partials.kept_bytes(own_key)
         assert own_kept == SMALL_CHUNK and partials.kept_bytes("f" * 64) == SMALL_CHUNK
         leave_free(root, 3 << 20)  # the pull needs 6 MiB less its own 1: room once the 4 given up go
+        # Not while another repo's pull runs: a download it has not claimed yet is its resume (a review)
+        with partials.pulling("acme/elsewhere"), pytest.raises(StoreFullError):
+            depot.pull("acme/two")
+        assert partials.kept_bytes("f" * 64) == SMALL_CHUNK
         pulled = depot.pull("acme/two")
         assert pulled.files == 2 and pulled.bytes_resumed == own_kept, pulled
         assert partials.kept_bytes("f" * 64) is None

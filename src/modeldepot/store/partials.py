@@ -440,6 +440,16 @@ class PartialFiles:
         one is a pull that was killed)."""
         return lock_is_held(self._pull_mark(repo_id)) is True
 
+    def others_pulling(self, repo_id: str) -> bool:
+        """Whether a live process (this one too) pulls a repo other than ``repo_id`` now: its downloads not
+        claimed yet (a file it waits for another's download of first) are resumes it is about to take."""
+        own = self._pull_mark(repo_id)
+        try:
+            marks = list(self.root.glob("pull-*.lock"))
+        except OSError:
+            return True  # (cannot be told: taken as running)
+        return any(mark != own and lock_is_held(mark) is True for mark in marks)
+
     def downloading(self, key: str) -> bool:
         """Whether a live process holds the download of ``key`` (its claim's lock)."""
         return any(lock_is_held(paths.lock) is True for paths in (self._paths(key), self._paths(key, True)))

@@ -224,12 +224,13 @@ SHARED_REMOVED_TRIES = 3  # publishes a pull tries while files it shares are rem
 OTHER_DESCRIPTORS = 256
 
 
-def _free_room(store: Store, sizes: dict[str, int], short: int, doing: str) -> int:
+def _free_room(store: Store, repo_id: str, sizes: dict[str, int], short: int, doing: str) -> int:
     """The disk's shortage of room for ``sizes`` (by download key) once the quarantined copies are deleted,
     and, still short, the interrupted downloads of other files: a disk short of room needs theirs more than
     anyone needs a corrupt copy (after a power loss the torn copy of a model kept the room its own pull
     needed, every repair and pull failed for good, until a human ran `gc`: an explorer's trial), or a resume
-    of a pull given up (a killed pull's files kept their whole preallocated size a week)."""
+    of a pull given up (a killed pull's files kept their whole preallocated size a week). Not while another
+    repo's pull runs: a download it has not claimed yet is its resume (a review)."""
     from modeldepot.store.maintenance import drop_abandoned_downloads, drop_quarantine
 
     freed = drop_quarantine(store)
@@ -237,7 +238,11 @@ def _free_room(store: Store, sizes: dict[str, int], short: int, doing: str) -> i
         log.warning("%s: the disk lacks room: deleted %s of corrupt copies kept in quarantine/", doing,
                     size_text(freed))  # fmt: skip
         short = store.partials.room_short(sizes)[0]
-    if short > 0 and (freed := drop_abandoned_downloads(store, spare=set(sizes))):
+    if (
+        short > 0
+        and not store.partials.others_pulling(repo_id)
+        and (freed := drop_abandoned_downloads(store, spare=set(sizes)))
+    ):
         log.warning("%s: the disk lacks room: deleted %s of interrupted downloads of other files (their pulls "
                     "start over)", doing, size_text(freed))  # fmt: skip
         short = store.partials.room_short(sizes)[0]
@@ -326,7 +331,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         # only once the room is made and released)
         short, _free = await asyncio.to_thread(store.partials.room_short, sizes)
         if short > 0:
-            short = await asyncio.to_thread(_free_room, store, sizes, short, doing)
+            short = await asyncio.to_thread(_free_room, store, manifest.repo_id, sizes, short, doing)
         await in_budget_pool(writer.make_room, sum(new_bytes.values()), doing, short)
         # ... and the disk looked at again, as the evictions left it (a blob linked outside frees nothing)
         await asyncio.to_thread(store.partials.check_room, sizes, doing)
