@@ -542,3 +542,38 @@ def test_a_quant_left_behind_by_a_pull_of_another_is_found_at_its_older_commit(
         assert local.du().blob_bytes == held - removed.bytes_freed and removed.bytes_freed > 0
         with pytest.raises(NotFoundError, match="no variant"):
             local.remove(REPO, quant="Q4_K_M")
+
+
+def test_a_variant_of_a_pull_request_is_not_taken_for_mains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """main holds Q8_0 alone; a contributor's PR (pulled to try it) has a Q4_K_M: `path -q Q4_K_M` printed the
+    PR's file as main's "older revision", and an offline load loaded it (a review). Only a revision the
+    branch left behind answers, and only for a variant the branch's commit has."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    main_source, pr_source = tmp_path / "main", tmp_path / "pr"
+    main_source.mkdir()
+    pr_source.mkdir()
+    write_gguf(main_source / "tiny-Q8_0.gguf")
+    write_gguf(pr_source / "tiny-Q8_0.gguf")
+    write_gguf(pr_source / "tiny-Q4_K_M.gguf")
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(main_source, REPO)
+        node_depot.import_dir(pr_source, REPO, revision="refs/pr/7")
+        node = LiveNode(node_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[node.url]) as local:
+                local.pull(REPO)
+                local.pull(REPO, "Q4_K_M", revision="refs/pr/7")
+        finally:
+            node.stop()
+    said = CliRunner().invoke(cli, ["path", REPO, "-q", "Q4_K_M", "--home", str(tmp_path / "local")])
+    assert said.exit_code == 1 and "no variant 'Q4_K_M'" in said.output, said.output
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Depot(tmp_path / "local") as offline, pytest.raises(NotFoundError, match="offline"):
+        offline.load(REPO, "Q4_K_M", engine="gguf")

@@ -512,25 +512,32 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
 def held_at_another_commit(
     store: Store, repo_id: str, commit_id: str, quant: str, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
 ) -> tuple[str, str] | None:
-    """(commit, model file) of the newest other revision of the repo that holds variant ``quant`` whole, or
-    None. A pull of another variant moves the branch to the upstream's new commit and leaves behind a
-    variant the upstream changed since (its files are not that commit's): `path -q` and an offline load of
-    it failed while its bytes were on disk, the advice only to download it again (an explorer's trial)."""
+    """(commit, model file) of the newest revision the branch at ``commit_id`` left behind (no ref names it,
+    older) that holds variant ``quant`` whole, or None; only when that commit has the variant too (by its
+    listing: one the upstream dropped stays an error). A pull of another variant moves the branch to the
+    upstream's new commit and leaves behind a variant the upstream changed since (its files are not that
+    commit's): `path -q` and an offline load of it failed while its bytes were on disk, the advice only to
+    download it again (an explorer's trial). Never another branch's nor a pull request's (a review)."""
+    listed = kept_listing(store, repo_id, commit_id)
+    if listed is None or group_files(f.path for f in listed).find_for(quant, engine_kinds(suffixes)) is None:
+        return None
     try:
-        revisions = store.revisions(repo_id)
+        revisions = dict(store.revisions(repo_id))
+        detached = store.detached_revisions(repo_id)
     except NotFoundError:  # (removed meanwhile: the load's own error says so)
         return None
-    for other, _created in revisions:
-        if other == commit_id:
+    since = revisions.get(commit_id)
+    for other in detached:
+        if other == commit_id or since is None or revisions.get(other, since) > since:
             continue
         try:
             held = _held_paths(store, repo_id, other)
             found = model_file(held, quant, suffixes)
         except NotFoundError:
             continue
-        listed = kept_listing(store, repo_id, other)
-        if listed is not None:  # (whole by its commit's listing: a split model's every shard, its data)
-            variant = group_files(f.path for f in listed).find_for(quant, engine_kinds(suffixes))
+        its_listing = kept_listing(store, repo_id, other)
+        if its_listing is not None:  # (whole by its commit's listing: a split model's every shard, its data)
+            variant = group_files(f.path for f in its_listing).find_for(quant, engine_kinds(suffixes))
             if variant is None or set(variant.files) - set(held):
                 continue
         return other, found
