@@ -535,6 +535,11 @@ def test_a_quant_left_behind_by_a_pull_of_another_is_found_at_its_older_commit(
     # `rm --quant` takes the copies older revisions no ref names hold too (main's alone went: an update's
     # left-behind copy kept its room, shown nowhere but du and info, an explorer's trial)
     with Depot(tmp_path / "local") as local:
+        local.pin(REPO, "Q4_K_M", revision=old)  # (a known-good quant kept by its commit stays: a review)
+        with pytest.raises(NotFoundError, match="no variant"):
+            local.remove(REPO, quant="Q4_K_M")
+        assert [p.revision for p in local.pins()] == [old]
+        local.unpin(REPO, "Q4_K_M", revision=old)
         held = local.du().blob_bytes
         removed = local.remove(REPO, quant="Q4_K_M")  # (main lacks it: the older revision's goes, whole)
         assert removed.commits == (old,) and removed.blobs_removed == 1, removed

@@ -206,6 +206,8 @@ class Upkeep:
                 raise
             lacking = error
         for older in self.store.detached_revisions(repo_id) if revision is None else ():
+            if older in self._pinned_commits(repo_id):  # (a known-good quant kept by its commit: a review)
+                continue
             with contextlib.suppress(VariantNotFoundError, RevisionNotFoundError):  # (gone meanwhile too)
                 results.append(remove_variant(self.store, repo_id, older, quant))
         if not results:
@@ -219,8 +221,17 @@ class Upkeep:
             sum(r.blobs_removed for r in done), sum(r.bytes_freed for r in done),
             bytes_still_linked=sum(r.bytes_still_linked for r in done),
             files_removed=tuple(path for result in done for path in result.files_removed),
+            revisions_changed=tuple(commit for result in done for commit in result.revisions_changed),
             deleted=tuple(d for result in done for d in result.deleted),
         )  # fmt: skip
+
+    def _pinned_commits(self, repo_id: str) -> set[str]:
+        """The commits the repo's pins name (by branch or commit id)."""
+        pinned = set()
+        for pin in self.store.budget.pins.all(repo_id):
+            with contextlib.suppress(NotFoundError):
+                pinned.add(self.store.resolve(repo_id, pin.revision))
+        return pinned
 
     def _shared_holder(self, repo_id: str) -> Store | None:
         """The first shared store that holds ``repo_id``, if any."""

@@ -510,7 +510,8 @@ def rm_command(depot: Depot, repo_id: str, revision: str | None, quant: str | No
     """Remove a repo (or one revision, or one variant of it) and free the blobs nothing else uses."""
     what = f"{repo_id}@{revision}" if revision else f"{repo_id} (all revisions)"
     if quant is not None:
-        what = f"the {quant} files of {repo_id}@{revision or 'main'}"
+        what = (f"the {quant} files of {repo_id}@{revision}" if revision else f"the {quant} files of {repo_id}@main "
+                "and of its older revisions no branch names (not pinned ones)")  # fmt: skip
     depot.check_writable("a removal")  # (before asking what could not be done)
     if not yes:
         try:  # (fail on a repo not in the store, or only a shared one's, before asking)

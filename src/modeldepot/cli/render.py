@@ -521,10 +521,17 @@ def render_remove(result: RemoveResult) -> None:
         out.print(f"removed the ref {result.ref_removed} of {result.repo_id}; its commit stays, as "
                   f"{', '.join(result.commit_kept_for)} still point(s) at it: nothing freed")  # fmt: skip
         return
-    removed = (
-        f"{count(len(result.files_removed), 'file')} of a revision that stays"
-        if result.files_removed
-        else count(len(result.commits), "revision")
+    changed = len(set(result.revisions_changed)) or 1
+    removed = ", ".join(
+        part
+        for part in (
+            f"{count(len(result.files_removed), 'file')} of {'a revision' if changed == 1 else f'{changed} revisions'} "
+            f"that stay{'s' if changed == 1 else ''}"
+            if result.files_removed
+            else "",
+            count(len(result.commits), "revision") if result.commits or not result.files_removed else "",
+        )
+        if part
     )
     out.print(
         f"removed {result.repo_id}: {removed}, {count(result.blobs_removed, 'blob')}, "

@@ -82,8 +82,9 @@ class RemoveResult:
     commit_kept_for: tuple[str, ...] = ()
     # Bytes of deleted blobs whose file has another name (a Hugging Face cache's hard link): not freed
     bytes_still_linked: int = 0
-    # Files removed from a revision that stays (a variant's own files: ``rm --quant``)
+    # Files removed from a revision that stays (a variant's own files: ``rm --quant``), and those revisions
     files_removed: tuple[str, ...] = ()
+    revisions_changed: tuple[str, ...] = ()
     # A repo the store held nothing of: its saved scan went (status and the dashboard listed it for good)
     scan_forgotten: bool = False
     # Bytes of deleted blobs processes still map or hold open (not freed until they let go), and those
@@ -97,7 +98,8 @@ class RemoveResult:
                 "blobs_removed": self.blobs_removed, "bytes_freed": self.bytes_freed,
                 "ref_removed": self.ref_removed, "commit_kept_for": list(self.commit_kept_for),
                 "bytes_still_linked": self.bytes_still_linked,
-                "files_removed": list(self.files_removed), "scan_forgotten": self.scan_forgotten,
+                "files_removed": list(self.files_removed), "revisions_changed": list(self.revisions_changed),
+                "scan_forgotten": self.scan_forgotten,
                 "bytes_still_held": self.bytes_still_held, "held_by": list(self.held_by)}  # fmt: skip
 
     def seen_held(self) -> RemoveResult:
@@ -473,7 +475,7 @@ def remove_files(store: Store, repo_id: str, commit_id: str, paths: Iterable[str
             store.snapshots.unlink(repo_id, commit_id, gone)
             store.index.reserve.refill()
             return RemoveResult(repo_id, (), len(freed), bytes_freed, bytes_still_linked=still_linked,
-                                files_removed=tuple(gone), deleted=deleted)  # fmt: skip
+                                files_removed=tuple(gone), revisions_changed=(commit_id,), deleted=deleted)  # fmt: skip
     return remove(store, repo_id, commit_id, keep_blobs=keep_blobs)
 
 
