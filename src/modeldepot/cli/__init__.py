@@ -224,7 +224,8 @@ def ls_command(depot: Depot, as_json: bool) -> None:
 
     def human() -> None:
         render.render_ls(repos, depot.home)
-        if len(repos) < render.LARGE_TABLE:  # (a look at every saved scan: not of thousands)
+        # (a look at every saved scan: only when downloads are kept, and not of thousands of repos)
+        if len(repos) < render.LARGE_TABLE and depot.store.partials.keys_on_disk():
             # (a killed pull left 240 MiB of downloads, and `ls` said "the store is empty": an explorer's trial)
             render.render_interrupted(
                 [manifest for manifest in depot.list_manifests() if manifest.interrupted()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shlex
 import sys
 import time
 from collections import deque
@@ -374,10 +375,17 @@ def render_interrupted(manifests: list[Manifest]) -> None:
     for manifest in manifests:
         stopped = manifest.interrupted()
         kept = sum(variant.bytes_done for variant in stopped)
+        # (the variants stopped, of the revision scanned: `pull REPO` alone fetches every quant, a review)
+        whole = len(stopped) == len(manifest.variants)
+        command = " ".join(
+            [f"modeldepot pull {manifest.repo_id}"]
+            + ([] if whole else [f"-q {shlex.quote(variant.name)}" for variant in stopped])
+            + ([] if manifest.revision == "main" else [f"-r {shlex.quote(manifest.revision)}"])
+        )
         out.print(
             f"An interrupted pull of {escape(manifest.repo_id)} ({escape(', '.join(v.name for v in stopped))}) "
-            f"keeps {format_bytes(kept)}: `modeldepot pull {escape(manifest.repo_id)}` resumes it "
-            "(`modeldepot status` shows it, `modeldepot gc --partials` drops it)"
+            f"keeps {format_bytes(kept)}: `{escape(command)}` resumes it (`modeldepot status` shows it, "
+            "`modeldepot gc --partials` drops it)"
         )
 
 
