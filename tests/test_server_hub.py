@@ -627,12 +627,22 @@ def test_a_tag_pulled_is_listed_as_a_tag_down_a_chain_of_nodes(
     monkeypatch.setenv("HF_ENDPOINT", liar.url)
     try:
         with Depot(depot.home) as online:  # the fixture's depot was made offline
-            for revision in (
-                "v1.0",
-                "stable",
-                "elsewhere",
-            ):  # (a tag the refs put at another commit: a branch)
+            for revision in ("v1.0", "stable", "elsewhere"):  # (elsewhere: a tag at another commit, a branch)
                 online.pull(REPO, revision=revision)
+            # Refs that cannot be had keep what the store recorded (a tag became a branch again: a review)
+            from modeldepot.hub import scan
+
+            liar.refs = None
+            scan._refs_seen.clear()
+            online.pull(REPO, revision="v1.0")
+            assert online.store.repo_summary(REPO).tag_refs == ("v1.0",)
+            liar.refs = {"branches": [{"name": "v1.0", "ref": "refs/heads/v1.0", **at}], "tags": []}
+            scan._refs_seen.clear()
+            online.pull(REPO, revision="v1.0")  # (what the refs say, once they say it)
+            assert online.store.repo_summary(REPO).tag_refs == ()
+            liar.refs = {"branches": [], "tags": [{"name": "v1.0", "ref": "refs/tags/v1.0", **at}]}
+            scan._refs_seen.clear()
+            online.pull(REPO, revision="v1.0")
     finally:
         liar.stop()
     node = LiveNode(depot)

@@ -85,7 +85,8 @@ class Manifest:
     card_data: dict[str, Any] = field(default_factory=dict)  # the upstream's ``cardData`` (checked)
     created_at: float | None = None  # the repo's creation and last change, as the upstream said them
     modified_at: float | None = None
-    revision_is_tag: bool = False  # the upstream lists ``revision`` as a git tag (not a branch)
+    # The upstream lists ``revision`` as a git tag (True), as a branch (False), or it could not be told (None)
+    revision_is_tag: bool | None = False
     # What the upstream said of the repo (``private`` is the store's word too: current_manifest)
     upstream_private: bool = False
 
@@ -295,7 +296,7 @@ def manifest_from_record(
         card_data=info.get("card_data") or {},
         created_at=info.get("created_at"),
         modified_at=info.get("modified_at"),
-        revision_is_tag=info.get("revision_is_tag") is True,
+        revision_is_tag=tag if isinstance(tag := info.get("revision_is_tag", False), bool) else None,
     )
 
 

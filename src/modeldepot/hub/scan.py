@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 from urllib.parse import quote
@@ -127,8 +128,8 @@ def fetch_repo(
         raise _refusal(reply, repo_id, revision, endpoint, token_name)
     info = _parsed(reply.body, f"{endpoint} (describing {repo_id})")
     spelled, commit_id, metadata, files = _checked(endpoint, repo_id, info)
-    if _may_be_a_tag(revision) and _is_tag(endpoint, repo_id, revision, commit_id, headers, timeout):
-        metadata["revision_is_tag"] = True
+    if _may_be_a_tag(revision):  # (None, not known: a refs answer that failed keeps what the store recorded)
+        metadata["revision_is_tag"] = _is_tag(endpoint, repo_id, revision, commit_id, headers)
     return spelled, commit_id, metadata, files, reply.headers.get(PART_OF_COMMIT_HEADER) != "1"
 
 
@@ -140,22 +141,25 @@ def _may_be_a_tag(revision: str) -> bool:
     return revision != "main" and not revision.startswith("refs/") and not is_commit_id(revision.lower())
 
 
+REFS_TIMEOUT = 5.0  # seconds for a repo's refs listing: a tag's flag is no reason to hold a scan up
+REFS_KEPT = (
+    10.0  # seconds a repo's refs listing answers the scans of its revisions (a mirror's refs: one each)
+)
+_refs_seen: dict[tuple[str, str], tuple[float, object]] = {}
+_refs_lock = threading.Lock()
+
+
 def _is_tag(
-    endpoint: str, repo_id: str, revision: str, commit_id: str, headers: dict[str, str], timeout: float | None
-) -> bool:
+    endpoint: str, repo_id: str, revision: str, commit_id: str, headers: dict[str, str]
+) -> bool | None:
     """Whether the upstream's refs list ``revision`` as a tag at ``commit_id`` (and no branch of that name):
     pulled, it is a tag here too (a tag pulled became a branch, and code picking releases from
-    ``list_repo_refs().tags`` found none: an explorer's trial). False when the refs cannot be had."""
-    url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/refs"
-    try:
-        reply = request("GET", url, headers, timeout or DEFAULT_TIMEOUT, MAX_REFS_ANSWER, Attempt(), MAX_REDIRECTS,
-                        total=WHOLE_ANSWER_TIMEOUT)  # fmt: skip
-        refs = _parsed(reply.body, f"{endpoint} (the refs of {repo_id})") if reply.status == 200 else None
-    except Exception as error:  # (the revision stays a branch: as before)
-        log.debug("%s: could not read the refs of %s: %s", endpoint, repo_id, error)
-        return False
+    ``list_repo_refs().tags`` found none: an explorer's trial). None when the refs cannot be had within
+    REFS_TIMEOUT (a hung refs route held every scan of a tag 30 s more, and a mirror's refs listing asked
+    for them once per branch: a review)."""
+    refs = _refs_of(endpoint, repo_id, headers)
     if not isinstance(refs, dict):
-        return False
+        return None
 
     def named(kind: str) -> list[dict[str, Any]]:
         listed = refs.get(kind)
@@ -168,6 +172,28 @@ def _is_tag(
     return not named("branches") and any(
         str(ref.get("targetCommit", "")).lower() == commit_id for ref in named("tags")
     )
+
+
+def _refs_of(endpoint: str, repo_id: str, headers: dict[str, str]) -> object:
+    """The upstream's refs listing of the repo (parsed JSON), kept REFS_KEPT; None when it cannot be had."""
+    key, now = (endpoint, repo_id.lower()), time.monotonic()
+    with _refs_lock:
+        seen = _refs_seen.get(key)
+        if seen is not None and now - seen[0] < REFS_KEPT:
+            return seen[1]
+    url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/refs"
+    try:
+        reply = request("GET", url, headers, REFS_TIMEOUT, MAX_REFS_ANSWER, Attempt(), MAX_REDIRECTS,
+                        total=2 * REFS_TIMEOUT)  # fmt: skip
+        refs = _parsed(reply.body, f"{endpoint} (the refs of {repo_id})") if reply.status == 200 else None
+    except Exception as error:  # (not known: the store keeps what it recorded)
+        log.debug("%s: could not read the refs of %s: %s", endpoint, repo_id, error)
+        return None
+    with _refs_lock:
+        if len(_refs_seen) > 1000:
+            _refs_seen.clear()
+        _refs_seen[key] = (now, refs)
+    return refs
 
 
 def _parsed(body: bytes, source: str) -> object:

@@ -90,8 +90,9 @@ class RevisionSpec:
     # import's --private): a repo private on its upstream's word is shown again once the upstream shows it
     # (``repos.hidden_at``, :meth:`~modeldepot.store.store.Store.show_repo_again`); the operator's stays
     private_by_upstream: bool = False
-    # Whether ``branch`` is a git tag upstream (a pull of one): listed as a tag
-    branch_is_tag: bool = False
+    # Whether ``branch`` is a git tag upstream (a pull of one): listed as a tag; None keeps what the store
+    # recorded (the upstream's refs could not be had)
+    branch_is_tag: bool | None = False
     # With ``private_by_upstream``: whether the upstream gates the repo rather than hides it (described to
     # anyone, its files behind the token: RepoSummary.gated). The repo's, whatever branch is published
     gated_only: bool = False
@@ -373,9 +374,9 @@ def _point_ref(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> bool:
     learned = now if spec.branch_seen_at is None else min(spec.branch_seen_at, now)
     moved = was is None or was[0] != spec.commit_id
     con.execute(
-        "INSERT INTO refs (repo_id, name, commit_id, updated_at, tag) VALUES (?1, ?2, ?3, ?4, ?6) ON CONFLICT "
-        "(repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, tag = excluded.tag, updated_at = CASE "
-        "WHEN ?5 THEN excluded.updated_at ELSE MAX(refs.updated_at, excluded.updated_at) END",
+        "INSERT INTO refs (repo_id, name, commit_id, updated_at, tag) VALUES (?1, ?2, ?3, ?4, COALESCE(?6, 0)) ON "
+        "CONFLICT (repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, tag = COALESCE(?6, refs.tag), "
+        "updated_at = CASE WHEN ?5 THEN excluded.updated_at ELSE MAX(refs.updated_at, excluded.updated_at) END",
         (spec.repo_id, spec.branch, spec.commit_id, learned, moved, spec.branch_is_tag),
     )
     return moved

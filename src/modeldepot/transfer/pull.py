@@ -457,7 +457,7 @@ def revision_spec(manifest: Manifest, branch: str | None) -> RevisionSpec:
     origin = None if manifest.endpoint == IMPORTED_ENDPOINT else manifest.endpoint
     return RevisionSpec(manifest.repo_id, manifest.commit_id, branch, private, origin, card,
                         branch_seen_at=seen_at, private_by_upstream=True, gated_only=bool(gated),
-                        branch_is_tag=manifest.revision_is_tag and branch == manifest.revision)  # fmt: skip
+                        branch_is_tag=manifest.revision_is_tag if branch == manifest.revision else False)  # fmt: skip
 
 
 def _swarm_counts(swarms: list[SwarmFile]) -> dict[str, int]:
