@@ -180,6 +180,8 @@ repo_part = st.text(st.sampled_from("aZ09._-"), min_size=1, max_size=10) | segme
         # (llama.cpp's -hf and Ollama's hf.co/ spelling of a quantization: an explorer's trial)
         ("bartowski/Big-GGUF:Q4_K_M", "give the id alone ('bartowski/Big-GGUF'), and the quantization apart (-q Q4_K_M"),
         ("hf.co/bartowski/Big-GGUF:q8_0", "give the id alone ('bartowski/Big-GGUF'), and the quantization apart (-q q8_0"),
+        ("https://huggingface.co/acme/m:Q8_0", "give the id alone ('acme/m'), and the quantization apart (-q Q8_0"),
+        ("acme/m:latest", "give the id alone ('acme/m'); without --quant, a load takes the default variant"),
     ],
 )  # fmt: skip
 def test_a_repo_given_as_its_page_or_without_its_org_is_told_what_to_type(given: str, hint: str) -> None:

@@ -98,13 +98,13 @@ def _as_an_id(text: str) -> str:
     """What to type for a repo given as its web page's URL (pasted from a browser), with no org, or with a
     quantization after a ':' (as llama.cpp's `-hf` and Ollama's `hf.co/` take it): said as the error's hint (a
     URL read as an id with two '/' too many said nothing of what was meant: a trial)."""
-    text, colon, tag = (
-        text.partition(":") if not text.lower().startswith(("http:", "https:")) else (text, "", "")
-    )
-    if colon:
-        said = _as_an_id(text)
+    head, colon, tag = text.rpartition(":")
+    if colon and head and "/" not in tag:  # (not a URL's scheme: its tag is after the last '/')
+        said = _as_an_id(head)
         with contextlib.suppress(InvalidRepoIdError):
-            said = said or f": give the id alone ({validate_repo_id(text)!r})"
+            said = said or f": give the id alone ({validate_repo_id(head)!r})"
+        if said and tag.lower() == "latest":  # (Ollama's default tag: the default variant needs none)
+            return f"{said}; without --quant, a load takes the default variant"
         if said and _REF_SEGMENT.fullmatch(tag):  # (a quantization: the CLI's -q, the API's quant=)
             return f"{said}, and the quantization apart (-q {tag}, quant={tag!r})"
         return said
