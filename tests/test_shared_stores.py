@@ -236,6 +236,20 @@ def test_a_branch_is_read_where_it_moved_last(tmp_path: Path, admin: Path, upstr
             user.resolve("acme/common", "f" * 40)
 
 
+def test_a_tag_a_shared_store_holds_is_listed_as_one(tmp_path: Path, admin: Path, upstream: Upstream) -> None:
+    """The summary of a repo both stores hold took the own store's tags alone: a tag pulled into the shared
+    store was listed as a branch (a review)."""
+    with Depot(admin) as depot, depot.store.index.write() as con:  # (as a pull of a tag records it)
+        commit = depot.resolve("acme/common")
+        con.execute("INSERT INTO refs (repo_id, name, commit_id, updated_at, tag) VALUES (?, 'v1', ?, 1, 1)",
+                    ("acme/common", commit))  # fmt: skip
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        upstream.move_common()
+        user.pull("acme/common")  # (the own store holds the repo too now)
+        summary = next(r for r in user.list_repos() if r.repo_id == "acme/common")
+        assert summary.tag_refs == ("v1",) and summary.refs["v1"] == commit
+
+
 def test_shared_stores_are_checked(tmp_path: Path, admin: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A shared store that cannot be opened is left out, said once: the own store, and the other shared
     ones, are read as ever."""

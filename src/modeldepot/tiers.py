@@ -328,9 +328,12 @@ class Tiers:
                 continue
             info = self.repo_info(summaries[0].repo_id)
             newest = info.revisions[0] if info.revisions else None
+            # (a ref is a tag where the store it moved in last says so: a review)
+            tags = {name for s in summaries for name in s.tag_refs if s.refs.get(name) == info.refs.get(name)}
             merged.append(dataclasses.replace(
                 summaries[0], refs=info.refs, revisions=len(info.revisions),
                 files=len(newest.files) if newest else 0, size=newest.size if newest else 0,
+                tag_refs=tuple(sorted(tags & set(info.refs))),
             ))  # fmt: skip
         return sorted(merged, key=lambda s: s.repo_id)
 
