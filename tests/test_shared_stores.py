@@ -6,6 +6,7 @@ the shared store is never written. Upstream is a real node on loopback, named by
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -234,6 +235,28 @@ def test_a_branch_is_read_where_it_moved_last(tmp_path: Path, admin: Path, upstr
         assert user.pull("acme/common").bytes_downloaded == 0
         with pytest.raises(RevisionNotFoundError):
             user.resolve("acme/common", "f" * 40)
+
+
+def test_a_snapshot_folder_is_the_store_holding_most_of_the_commit(
+    tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The image's shared store holds a repo's big weights; a container pulls a small variant of the same
+    commit into its own store: `snapshot_path` switched to the own folder, configs and that variant alone,
+    and `from_pretrained` of it failed (an explorer's trial). The folder holding most of the commit's bytes
+    answers, and what it lacks that another store holds is said."""
+    shared = tmp_path / "image"
+    with Depot(shared, chunk_size=SMALL_CHUNK) as image:
+        image.pull("acme/q", quants=["Q8_0"])
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[shared]) as user:
+        before = user.snapshot_path("acme/q")
+        assert before.is_relative_to(shared) and (before / "model-Q8_0.gguf").exists()
+        user.pull("acme/q", quants=["Q4_K_M"])
+        assert user.file_path("acme/q", "model-Q4_K_M.gguf").is_relative_to(user.home)
+        with caplog.at_level(logging.WARNING, logger="modeldepot.tiers"):
+            assert user.snapshot_path("acme/q") == before
+        assert any(
+            "lacks model-Q4_K_M.gguf, which another store holds" in r.getMessage() for r in caplog.records
+        )
 
 
 def test_a_tag_a_shared_store_holds_is_listed_as_one(tmp_path: Path, admin: Path, upstream: Upstream) -> None:

@@ -561,8 +561,8 @@ class Depot(Upkeep):
     @any_case
     def snapshot_path(self, repo_id: str, revision: str = "main") -> Path:
         """The revision's folder, for ``from_pretrained(...)`` and other path-based loaders (the folder of the
-        store that answers the revision: tiers.py)."""
-        store, spelled, commit_id = self.tiers.holder(repo_id, revision)
+        store that holds most of the commit the revision answers: tiers.py)."""
+        store, spelled, commit_id = self.tiers.folder_holder(repo_id, revision)
         found = store.snapshot_path(spelled, commit_id)
         if store is self.store:  # (a shared store's files are not this store's to count)
             self._uses.folder(repo_id, commit_id)
@@ -580,7 +580,7 @@ class Depot(Upkeep):
         store it is the snapshot's folder (no link can be made there)."""
         if folder:
             validate_path(folder)
-        store, spelled, commit_id = self.tiers.holder(repo_id, revision)
+        store, spelled, commit_id = self.tiers.folder_holder(repo_id, revision)
         with store.linked_folder(spelled, commit_id, folder.strip("/")) as view:
             if store is self.store:
                 self._uses.folder(repo_id, commit_id)

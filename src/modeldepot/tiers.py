@@ -180,6 +180,31 @@ class Tiers:
         _, _, store, spelled, commit_id = max(found, key=lambda f: f[:2])
         return store, spelled, commit_id
 
+    def folder_holder(self, repo_id: str, revision: str) -> tuple[Store, str, str]:
+        """:meth:`holder`, for a snapshot folder: of the stores holding the commit, the one holding the most of
+        its bytes (the answering one first), with a warning naming what other stores hold of the commit that
+        its folder lacks (a folder is one store's). A pull of one variant into the own store made its
+        folder, configs and that variant, the one `snapshot_path` gave, where a shared store's held the
+        weights `from_pretrained` read (an explorer's trial)."""
+        store, spelled, commit_id = self.holder(repo_id, revision)
+        if not self.shared:
+            return store, spelled, commit_id
+        held = {s: (other_spelled := s.spelled(repo_id), self._paths_held(s, other_spelled, commit_id))
+                for s in self.all}  # fmt: skip
+        best = max(self.all, key=lambda s: (sum(held[s][1].values()), s is store))
+        lacking = sorted(set().union(*(paths for _, paths in held.values())) - set(held[best][1]))
+        if lacking:
+            log.warning("%s@%s: the snapshot folder at %s lacks %s, which another store holds: read such files "
+                        "with get_file or file_path (a folder is one store's)", repo_id, commit_id[:12],
+                        best.home, ", ".join(lacking[:3]) + (" and more" if len(lacking) > 3 else ""))  # fmt: skip
+        return best, held[best][0], commit_id
+
+    @staticmethod
+    def _paths_held(store: Store, repo_id: str, commit_id: str) -> dict[str, int]:
+        rows = store.index.read("SELECT path, size FROM files WHERE repo_id = ? AND commit_id = ?",
+                                (repo_id, commit_id))  # fmt: skip
+        return {str(row["path"]): int(row["size"]) for row in rows}
+
     def entry(self, repo_id: str, path: str, revision: str) -> tuple[Store, FileEntry]:
         """The store holding the file, and its record (see the module's docstring)."""
         validate_path(path)
