@@ -123,7 +123,7 @@ def test_public_api_is_pinned() -> None:
         "VerifyProblem", "VerifyReport", "__version__", "UpstreamError", "UpstreamDataError", "UpstreamTimeoutError", "AccessDeniedError",
         "OfflineError", "PullRunningError", "ChunkNotAvailableError", "ReadOnlyStoreError", "CommitConflictError",
         "BlobRemovedError", "IndexDamagedError", "BudgetExceededError", "MemoryShortError",
-        "VariantNotFoundError", "EngineMismatchError",
+        "VariantNotFoundError", "EngineMismatchError", "GatedRepoError",
     }  # fmt: skip
     for name in modeldepot.__all__:
         assert hasattr(modeldepot, name)
