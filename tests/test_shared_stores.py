@@ -259,6 +259,31 @@ def test_a_snapshot_folder_is_the_store_holding_most_of_the_commit(
         )
 
 
+def test_a_variant_the_image_baked_loads_offline_after_the_container_pulled_another(
+    tmp_path: Path, admin: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image's shared store holds acme/q's Q4_K_M at v1; upstream moves to v2; a container pulls Q8_0
+    into its own store, whose main moves to v2: the image's Q4_K_M failed to load offline and `path -q`
+    said to pull it, its bytes in the image (an explorer's trial). The revision the branch left behind in
+    the shared store answers, said so."""
+    changed = quants(tmp_path / "src" / "q2")
+    (changed / "model-Q4_K_M.gguf").write_bytes(b"another Q4_K_M")
+    upstream.depot.import_dir(changed, "acme/q")
+    with Depot(admin, create=False) as image:
+        baked = image.resolve("acme/q")
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[admin]) as user:
+        user.pull("acme/q", quants=["Q8_0"])
+        assert user.resolve("acme/q") != baked
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Depot(tmp_path / "user", shared=[admin]) as user:
+        loaded = user.load("acme/q", "Q4_K_M", engine=lambda path: path.resolve())
+        assert loaded.is_relative_to(admin), loaded
+    said = CliRunner().invoke(cli, ["path", "acme/q", "-q", "Q4_K_M", "--home", str(tmp_path / "user")],
+                              env={"MODELDEPOT_SHARED": str(admin), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert said.exit_code == 0 and str(admin) in said.stdout and baked in said.stdout, said.output
+    assert f"this is Q4_K_M of {baked[:12]}" in said.stderr
+
+
 def test_a_tag_a_shared_store_holds_is_listed_as_one(tmp_path: Path, admin: Path, upstream: Upstream) -> None:
     """The summary of a repo both stores hold took the own store's tags alone: a tag pulled into the shared
     store was listed as a branch (a review)."""

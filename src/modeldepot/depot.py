@@ -77,6 +77,7 @@ if TYPE_CHECKING:  # the transfer machinery (aiohttp, huggingface_hub) loads on 
     from modeldepot.transfer.fleet import FleetView, PeerRow
     from modeldepot.transfer.pull import PartialWatch, PullProgress, PullResult
 from modeldepot.validation import (
+    is_commit_id,
     validate_path,
     validate_quants,
     validate_repo_id,
@@ -936,8 +937,30 @@ class Depot(Upkeep):
                                         owner=self.store, file=file)  # fmt: skip
                 except (NotFoundError, CorruptBlobError):
                     continue
+            behind = self._left_behind(repo_id, quant, revision, commit_id) if file is None else None
+            if behind is not None:  # (offline: what a store of the tiers holds of the variant, said)
+                store, older = behind
+                log.warning("%s: %s at %s does not hold %s; loading it from %s, the revision it left behind in %s "
+                            "(offline: the branch's is not pulled)", repo_id, revision, commit_id[:12], quant,
+                            older[:12], store.home)  # fmt: skip
+                return load_variant(store, self.preloader, self.engines, _not_here, True, store.spelled(repo_id),
+                                    quant, older, engine, warmup, inputs, owner=self.store)  # fmt: skip
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
                             repo_id, quant, revision, engine, warmup, inputs, file=file)  # fmt: skip
+
+    def _left_behind(
+        self, repo_id: str, quant: str | None, revision: str, commit_id: str
+    ) -> tuple[Store, str] | None:
+        """Offline, under shared stores: the store and revision the branch left behind that hold ``quant``
+        whole (:func:`~modeldepot.engines.loading.left_behind`: a container's pull of another variant moved
+        its own branch past the image's, and the image's baked variant failed to load, an explorer's trial)."""
+        from modeldepot.engines.loading import left_behind
+
+        if not self.config.offline or quant is None or not commit_id or is_commit_id(revision):
+            return None
+        holder = self.tiers.holder(repo_id, revision)[0]
+        found = left_behind(self.tiers.all, holder, repo_id, revision, commit_id, quant)
+        return None if found is None else (found[0], found[1])
 
     def _check_completes_import(self, repo_id: str, revision: str, manifest: Manifest) -> set[str] | None:
         """A repo imported here is completed from the upstream's repo of its name only when that one holds

@@ -341,7 +341,7 @@ def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> tup
     branch whose commit lacks it, the newest older revision's that holds it whole, said on stderr (a pull
     of another variant moved the branch past one the upstream changed since: an explorer's trial)."""
     from modeldepot.engines.adapters import model_file
-    from modeldepot.engines.loading import DEFAULT_SUFFIXES, held_at_another_commit, saved_listing
+    from modeldepot.engines.loading import DEFAULT_SUFFIXES, left_behind, saved_listing
     from modeldepot.hub.variants import group_files
     from modeldepot.validation import is_commit_id
 
@@ -350,9 +350,11 @@ def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> tup
     try:
         return commit_id, model_file(held, quant, DEFAULT_SUFFIXES)
     except NotFoundError as lacking:
-        older = (
-            None if is_commit_id(revision) else held_at_another_commit(depot.store, repo_id, commit_id, quant)
-        )
+        behind = None
+        if not is_commit_id(revision):  # (of every store a read finds: a shared store's baked revision too)
+            holder = depot.tiers.holder(repo_id, revision)[0]
+            behind = left_behind(depot.tiers.all, holder, repo_id, revision, commit_id, quant)
+        older = None if behind is None else (behind[1], behind[2])
         if older is not None:
             render.err.print(
                 f"[yellow]note:[/yellow] {escape(revision)} is at {commit_id[:12]}, which the store does not hold "

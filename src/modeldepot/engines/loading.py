@@ -19,7 +19,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -512,35 +512,60 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
 def held_at_another_commit(
     store: Store, repo_id: str, commit_id: str, quant: str, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
 ) -> tuple[str, str] | None:
-    """(commit, model file) of the newest revision the branch at ``commit_id`` left behind (no ref names it,
-    older) that holds variant ``quant`` whole, or None; only when that commit has the variant too (by its
-    listing: one the upstream dropped stays an error). A pull of another variant moves the branch to the
-    upstream's new commit and leaves behind a variant the upstream changed since (its files are not that
-    commit's): `path -q` and an offline load of it failed while its bytes were on disk, the advice only to
-    download it again (an explorer's trial). Never another branch's nor a pull request's (a review)."""
-    listed = kept_listing(store, repo_id, commit_id)
+    """(commit, model file) of the newest revision the branch at ``commit_id`` left behind in ``store`` that
+    holds variant ``quant`` whole, or None: :func:`left_behind`, of one store."""
+    found = left_behind([store], store, repo_id, None, commit_id, quant, suffixes)
+    return None if found is None else (found[1], found[2])
+
+
+def left_behind(
+    stores: Sequence[Store],
+    holder: Store,
+    repo_id: str,
+    branch: str | None,
+    commit_id: str,
+    quant: str,
+    suffixes: tuple[str, ...] = DEFAULT_SUFFIXES,
+) -> tuple[Store, str, str] | None:
+    """(store, commit, model file) of the newest revision the branch at ``commit_id`` (held by ``holder``)
+    left behind that holds variant ``quant`` whole, or None; only when that commit has the variant too (by
+    its listing: one the upstream dropped stays an error). Left behind: older, and named by no ref, or by
+    ``branch`` in another store (a shared store's baked one, the own store's branch moved on). A pull of
+    another variant moves the branch to the upstream's new commit and leaves behind a variant the upstream
+    changed since: `path -q` and an offline load of it failed while its bytes were on disk, the advice only
+    to download it again (explorers' trials). Never another branch's nor a pull request's (a review)."""
+    listed = kept_listing(holder, holder.spelled(repo_id), commit_id)
     if listed is None or group_files(f.path for f in listed).find_for(quant, engine_kinds(suffixes)) is None:
         return None
     try:
-        revisions = dict(store.revisions(repo_id))
-        detached = store.detached_revisions(repo_id)
+        since = dict(holder.revisions(holder.spelled(repo_id))).get(commit_id)
     except NotFoundError:  # (removed meanwhile: the load's own error says so)
         return None
-    since = revisions.get(commit_id)
-    for other in detached:
-        if other == commit_id or since is None or revisions.get(other, since) > since:
-            continue
+    candidates: list[tuple[float, int, Store, str, str]] = []
+    for rank, store in enumerate(stores):
+        spelled = store.spelled(repo_id)
         try:
-            held = _held_paths(store, repo_id, other)
+            revisions = dict(store.revisions(spelled))
+            others = store.detached_revisions(spelled)
+            if branch is not None and store is not holder:
+                with contextlib.suppress(NotFoundError):
+                    others = [*others, store.resolve(spelled, branch)]
+        except NotFoundError:
+            continue
+        candidates += [(revisions[c], -rank, store, spelled, c) for c in others
+                       if c != commit_id and c in revisions and since is not None and revisions[c] <= since]  # fmt: skip
+    for _created, _rank, store, spelled, other in sorted(candidates, key=lambda c: c[:2], reverse=True):
+        try:
+            held = _held_paths(store, spelled, other)
             found = model_file(held, quant, suffixes)
         except NotFoundError:
             continue
-        its_listing = kept_listing(store, repo_id, other)
+        its_listing = kept_listing(store, spelled, other)
         if its_listing is not None:  # (whole by its commit's listing: a split model's every shard, its data)
             variant = group_files(f.path for f in its_listing).find_for(quant, engine_kinds(suffixes))
             if variant is None or set(variant.files) - set(held):
                 continue
-        return other, found
+        return store, other, found
     return None
 
 
