@@ -755,6 +755,27 @@ def test_a_store_this_user_may_not_read_is_said_so(tmp_path: Path, mode: int) ->
     assert path.returncode == 1 and "error: repo 'acme/st' is not in the store" in path.stderr, path.stderr
 
 
+def test_verify_says_a_blob_this_user_may_not_read_and_checks_the_rest(tmp_path: Path) -> None:
+    """A copied image's blob of another owner (mode 0600): `verify` stopped at it with a PermissionError
+    traceback, nothing else checked (an explorer's trial). Said as unreadable, not quarantined (its bytes
+    may be good), the rest checked, exit 1."""
+    home = made_store(tmp_path)
+    with Depot(home, create=False) as depot:
+        blob = depot.store.blobs.path(depot.file_info("acme/st", "model.safetensors").sha256)
+        total = len(depot.store.index.read("SELECT 1 FROM blobs"))
+    os.chown(blob, 12345, 12345)
+    blob.chmod(0o600)
+    checked = subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-m", "modeldepot", "verify", "--home", str(home)],
+                             env=base_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr
+    said = " ".join(checked.stderr.split())
+    assert "unreadable blob" in said and "this user may not read its file" in said and "uid 12345" in said, (
+        said
+    )
+    assert f"checked {total} blobs" in " ".join((checked.stdout + checked.stderr).split()), checked.stdout
+    assert blob.exists(), "not quarantined: its bytes may be good"
+
+
 def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

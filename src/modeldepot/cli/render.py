@@ -478,9 +478,8 @@ def render_snapshot(repo_id: str, path: str, built: bool) -> None:
 def render_verify(report: VerifyReport, repairs: list[Repair] | None = None) -> None:
     for problem in report.problems:
         where = f"; moved to {problem.quarantined_to}" if problem.quarantined_to else ""
-        err.print(
-            f"[red]corrupt[/red] blob {problem.sha256[:16]}… ({problem.problem}): {problem.detail}{where}"
-        )
+        said = "[yellow]unreadable[/yellow]" if problem.problem == "unreadable" else "[red]corrupt[/red]"
+        err.print(f"{said} blob {problem.sha256[:16]}… ({problem.problem}): {escape(problem.detail)}{where}")
         for user in problem.files:
             err.print(f"    used by {user}")
     if not report.index_ok:

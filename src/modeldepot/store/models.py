@@ -137,7 +137,9 @@ class ImportResult(_Record):
 @dataclass(frozen=True)
 class VerifyProblem(_Record):
     sha256: str
-    problem: str  # "missing", "size", "sha256", "chunk", "read", "restart" (found corrupt after one), "quarantined"
+    # "missing", "size", "sha256", "chunk", "read", "restart" (found corrupt after one), "quarantined", or
+    # "unreadable" (this user may not open it: not checked, not quarantined)
+    problem: str
     detail: str
     quarantined_to: str | None
     files: tuple[str, ...]  # "org/name@commit:path" of every file that used the blob
