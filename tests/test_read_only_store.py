@@ -186,6 +186,10 @@ def test_a_store_on_a_read_only_mount_is_read_loaded_and_served(tmp_path: Path, 
         assert depot.scrubber().scrub().blobs_checked == depot.du().blobs
         assert depot.sync() == depot.du().blobs  # (none flushed by its writer yet: flushed, not recorded)
         assert depot.budget_status().used_bytes == depot.du().blob_bytes
+        # A model the image lacks (a typo): a NotFoundError naming it, as on any store, not only "it pulls
+        # nothing" (`except NotFoundError` missed it: an explorer's trial)
+        with pytest.raises(RepoNotFoundError, match=r"'acme/s' is not in the store.*read-only"):
+            depot.load("acme/s", engine="safetensors")
 
         node = LiveNode(depot)
         try:

@@ -43,6 +43,7 @@ from modeldepot.errors import (
     InvalidInputError,
     NotFoundError,
     ReadOnlyStoreError,
+    RepoNotFoundError,
     RevisionNotFoundError,
     VariantNotFoundError,
 )
@@ -436,12 +437,13 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     the error says first what the store lacks (the variants it has, the engine its files need), then why
     the pull failed."""
     here: NotFoundError | None = None
+    not_held: NotFoundError | None = None  # (the repo is not here)
     try:
         commit_id: str | None = store.resolve(repo_id, revision)
     except RevisionNotFoundError as lacking:  # the repo is here, not that revision of it
         commit_id, here = None, lacking
-    except NotFoundError:
-        commit_id = None
+    except NotFoundError as missing:
+        commit_id, not_held = None, missing
     if commit_id is not None:
         try:
             held = _held_paths(store, repo_id, commit_id)
@@ -497,6 +499,10 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
     try:
         commit_id = pull(repo_id, quant, revision, default_variant(suffixes, file))
     except DepotError as error:
+        if not_held is not None and isinstance(error, ReadOnlyStoreError):
+            # (a model a read-only image lacks, or a typo: a NotFoundError naming the repo, as on any store,
+            # not only "it pulls nothing", which `except NotFoundError` missed: an explorer's trial)
+            raise RepoNotFoundError(repo_id, f"{not_held}; {error}") from error
         if here is None or isinstance(error, EngineMismatchError):  # (the engine's mismatch: nothing to add)
             raise
         if str(error) == str(here):  # (the scan says what the store said: once is enough)
