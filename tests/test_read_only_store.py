@@ -778,6 +778,13 @@ def test_verify_says_a_blob_this_user_may_not_read_and_checks_the_rest(tmp_path:
     )
     assert f"checked {total} blobs" in " ".join((checked.stdout + checked.stderr).split()), checked.stdout
     assert blob.exists(), "not quarantined: its bytes may be good"
+    # An export of it says the store's blob, not "cannot write … in the Hugging Face cache: None" (a trial)
+    exported = subprocess.run([*WITHOUT_OVERRIDE, sys.executable, "-m", "modeldepot", "hf-cache", "export", "acme/st",
+                               "--copy", "--cache-dir", str(tmp_path / "hf"), "--home", str(home)],
+                              env=base_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    said = " ".join(exported.stderr.split())
+    assert exported.returncode == 1 and "Traceback" not in said and "None" not in said, said
+    assert "uid 12345" in said and "Hugging Face cache" not in said.split("uid 12345")[0], said
 
 
 def test_an_upgrade_under_a_running_process_of_the_old_version_is_said(

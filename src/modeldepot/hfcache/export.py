@@ -661,6 +661,9 @@ class _CacheWriter:
             unlink_quietly(temporary)
             if damaged:
                 self.repaired.append(target)
+        except StoreError:  # (the store's own, reading its blob: said as it is, not as the cache's, a trial)
+            unlink_quietly(temporary)
+            raise
         except OSError as error:
             unlink_quietly(temporary)
             raise StoreError(f"cannot write {target} in the Hugging Face cache: {error.strerror}") from None
