@@ -237,6 +237,7 @@ class Store:
         self._refused: dict[str, float] = {}
         self.refusals = 0  # blobs this process came to refuse (what it tells its fleet it holds changed)
         self._checked: dict[str, float] = {}  # (read-only) blob -> when this process found it good
+        self._said_rehashing = False  # (read-only) whether a blob newer than its record was said
         # (its flusher, a running thread, reaches the store weakly: a store nothing else holds is collected, and
         # closes, its thread ended; a dropped depot's stayed open for good, a review)
         self.durability = Durability(self.index, self.blobs.path, _weakly(self.check_blob), _weakly(self.quarantine),
@@ -519,6 +520,14 @@ class Store:
                       ) if rows else 0.0  # fmt: skip
         if not rows or modified <= checked:
             return seen
+        if self.read_only and not self._said_rehashing:
+            # (a copy that did not keep file times, `cp -r`, rsync without -t: every blob rehashed at its first
+            # read in every process, unsaid, 15 GB at each worker's start: an explorer's trial)
+            self._said_rehashing = True
+            log.warning("blob %s…'s file at %s is newer than the store's record of it: rehashed before it is read, "
+                        "as is each such blob in each process on this read-only store (a copy that did not keep "
+                        "file times? copy a store with `cp -a`, or run `modeldepot verify` where it is writable)",
+                        blob.sha256[:16], self.home)  # fmt: skip
         found = self.check_blob(blob.sha256, blob.size, blob.chunk_size)
         if found is not None:
             if self.quarantine(blob.sha256, seen) is None and self.placement(blob.sha256) != seen:
