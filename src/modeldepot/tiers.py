@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 from modeldepot.config import DepotConfig
 from modeldepot.errors import (
-    ConfigError,
     CorruptBlobError,
     DepotError,
     EntryNotFoundError,
@@ -143,8 +142,11 @@ class Tiers:
         opened: list[Store] = []
         try:
             for home in config.shared:
-                if os.path.realpath(home) == os.path.realpath(own.home):  # (a loop of links: no error)
-                    raise ConfigError(f"MODELDEPOT_SHARED: {home} is this depot's own store")
+                if os.path.realpath(home) == os.path.realpath(own.home):  # (through a link too)
+                    # (read as the own store: one env block naming the image's store as both was an error, a
+                    # trial; a store is never its own tier twice)
+                    log.info("MODELDEPOT_SHARED: %s is this depot's own store: read as that", home)
+                    continue
                 settings = dataclasses.replace(config, home=home, chunk_size=None, shared=())
                 try:
                     opened.append(Store(settings, create=False, read_only=SHARED))
