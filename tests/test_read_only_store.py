@@ -777,6 +777,26 @@ def test_a_copy_that_lost_its_file_times_is_said_once_as_it_costs_a_rehash(
     assert len(said) == 1 and "copy a store with `cp -a`" in said[0], said
 
 
+def test_a_copy_that_followed_links_is_said_so_by_reads_and_verify(tmp_path: Path, read_only: Mount) -> None:
+    """A store shipped by a tool that follows links (`cp -rL`, a bucket sync): its snapshot folders hold files
+    where links belong; every path read on the read-only mount failed "incomplete: modeldepot verify", and
+    verify there said ok (an explorer's trial). Both say what happened, verify exits 1."""
+    home = made_store(tmp_path)
+    with Depot(home, create=False) as depot:
+        folder = depot.snapshot_path("acme/st")
+    link = folder / "config.json"
+    copied = link.read_bytes()
+    link.unlink()
+    link.write_bytes(copied)
+    mounted = read_only(home)
+    with Depot(mounted) as depot:
+        with pytest.raises(ReadOnlyStoreError, match=r"a copy of the store that followed links.*`cp -a`"):
+            depot.snapshot_path("acme/st")
+        assert bytes(depot.get_file("acme/st", "config.json")) == copied  # (read by the blob, as ever)
+    checked = CliRunner().invoke(cli, ["verify", "--home", str(mounted)])
+    assert checked.exit_code == 1 and "followed links" in " ".join(checked.output.split()), checked.output
+
+
 def test_verify_says_a_blob_this_user_may_not_read_and_checks_the_rest(tmp_path: Path) -> None:
     """A copied image's blob of another owner (mode 0600): `verify` stopped at it with a PermissionError
     traceback, nothing else checked (an explorer's trial). Said as unreadable, not quarantined (its bytes

@@ -258,8 +258,10 @@ class Depot(Upkeep):
                 raise
             # (a container's read-only root, MODELDEPOT_HOME unset: its default own store cannot be made, and the
             # shared store that holds the models was never said: an explorer's trial)
-            raise type(error)(f"{error}; with MODELDEPOT_SHARED, the own store is still needed: set MODELDEPOT_HOME "
-                              "to a writable folder, or to the shared store itself to read it alone") from error
+            raise type(error)(
+                f"{error}; with MODELDEPOT_SHARED, the own store is still needed: set MODELDEPOT_HOME "
+                "to a writable folder, or to the shared store itself to read it alone"
+            ) from error
         try:
             self.tiers = Tiers.open(self.store, self.config)
         except BaseException:

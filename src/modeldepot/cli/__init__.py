@@ -450,7 +450,8 @@ def verify_command(depot: Depot, repo_id: str | None, repair: bool, as_json: boo
                 f"fetching again the files found corrupt in {render.count(len(broken), 'revision')}"
             )
         repairs = depot.repair(broken)
-    body = {**report.to_dict(), "ok": report.ok}
+    # (a snapshot that cannot be rebuilt fails path reads: not ok, a read-only copy's said ok, a trial)
+    body = {**report.to_dict(), "ok": report.ok and not report.snapshots_not_repaired}
     if repairs is not None:
         body.update(repairs=[dataclasses.asdict(r) for r in repairs], ok=all(r.error is None for r in repairs)
                     and report.index_ok and not report.snapshots_not_repaired)  # fmt: skip

@@ -501,7 +501,7 @@ def render_verify(report: VerifyReport, repairs: list[Repair] | None = None) -> 
         left = sum(repair.error is not None for repair in repairs)
         out.print(f"[green]ok[/green]: {summary}" if not left else
                   f"[red]{count(left, 'revision')} not repaired[/red]: {summary}")  # fmt: skip
-    elif report.ok:
+    elif report.ok and not report.snapshots_not_repaired:
         out.print(f"[green]ok[/green]: {summary}")
     elif (
         not report.problems

@@ -276,8 +276,8 @@ def _repair_snapshots(store: Store, repo_id: str | None) -> tuple[int, tuple[str
     store's own data again at any time: one that cannot be made now (a full disk, no inode left) is said,
     and the others are rebuilt all the same (the first such failure ended verify with no report, the corrupt
     blob it had just quarantined unsaid: an explorer's trial)."""
-    if store.read_only:
-        return 0, ()  # (nothing can be repaired there: a read of a broken link says so)
+    # (a read-only store's are looked at, not rebuilt: one a copy that followed links filled with files failed
+    # every path read, and verify said ok, an explorer's trial)
     if repo_id is None:
         revisions = store.index.read("SELECT repo_id, commit_id FROM revisions")
     else:

@@ -45,6 +45,17 @@ class Snapshots:
             found += len(names)
         return found == len(files)
 
+    def copied_whole(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> bool:
+        """Whether the snapshot holds a plain file where a link to a blob belongs: a copy of the store that
+        followed its links (`cp -rL`, a bucket sync), twice its size, whose folders a read-only store cannot
+        mend (every path read failed, "incomplete", and `verify` said ok: an explorer's trial)."""
+        root = self.path(repo_id, commit_id)
+        for path, _sha256 in files:
+            link = self.layout.snapshot_file(root, path)
+            if not link.is_symlink() and link.is_file():
+                return True
+        return False
+
     def holds(self, repo_id: str, commit_id: str, files: Iterable[tuple[str, str]]) -> bool:
         """Whether the snapshot holds a right link for each of these files (others aside): what a pull of part
         of a commit published. The whole check (:meth:`is_complete`) read every file row of the commit and

@@ -34,6 +34,7 @@ from modeldepot.errors import (
     InvalidInputError,
     InvalidRevisionError,
     NotFoundError,
+    ReadOnlyStoreError,
     RepoNotFoundError,
     RevisionNotFoundError,
     StoreClosedError,
@@ -844,11 +845,24 @@ class Store:
             repo_id, commit_id, [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
         )
 
+    def _copied_whole_said(self, repo_id: str, commit_id: str, entries: Iterable[FileEntry]) -> str:
+        """What to say of a snapshot that holds files where links belong (see Snapshots.copied_whole)."""
+        if not self.snapshots.copied_whole(repo_id, commit_id, [(e.path, e.sha256) for e in entries]):
+            return ""
+        return (" (its folder holds files where links to the blobs belong: a copy of the store that followed "
+                "links, `cp -rL` or a bucket sync? copy a store with `cp -a`)")  # fmt: skip
+
     def ensure_snapshot(self, repo_id: str, commit_id: str) -> bool:
         """Rebuild a revision's snapshot if any link is missing or wrong; True if it had to."""
         pairs = [(f.path, f.sha256) for f in self.files(repo_id, commit_id)]
         if self.snapshots.is_complete(repo_id, commit_id, pairs):
             return False
+        if self.read_only:  # (no rebuild can be made here: said, with what a copy that followed links did)
+            raise ReadOnlyStoreError(
+                f"the snapshot folder of {repo_id}@{commit_id[:12]} is incomplete, and the store is read-only"
+                f"{self._copied_whole_said(repo_id, commit_id, self.files(repo_id, commit_id))}: repair it where "
+                "it is writable (modeldepot verify)"
+            )
         for _ in range(5):
             with self.lock.shared():  # gc and removals (exclusive) never see a snapshot half-built
                 # (the files read again under the lock: a removal between the look and the build had its
@@ -942,7 +956,8 @@ class Store:
                     raise _naming(error, entry) from None  # the model's, or its external data
         if not self.snapshots.is_complete(repo_id, commit_id, [(e.path, e.sha256) for e in entries]):
             raise StoreError(f"the snapshot folder of {repo_id}@{commit_id[:12]} is incomplete, and the store is "
-                             "read-only: repair it where it is writable (modeldepot verify)")  # fmt: skip
+                             f"read-only{self._copied_whole_said(repo_id, commit_id, entries)}: repair it where it is "
+                             "writable (modeldepot verify)")  # fmt: skip
         root = self.snapshots.path(repo_id, commit_id)
         yield self.layout.snapshot_file(root, folder) if folder else root
 
