@@ -318,9 +318,12 @@ def path_command(depot: Depot, repo_id: str, path: str | None, revision: str, qu
         ):
             # (onnxruntime resolves the links and refuses external data outside the model's real folder: the
             # path did not load where the same files from the Hugging Face cache did, an explorer's trial)
+            # (a read-only store's linked_folder is its snapshot's, whose links onnxruntime refuses too: not
+            # offered there, an explorer's trial)
+            within = "" if depot.store.read_only else ", or within `Depot.linked_folder` (real files)"
             render.err.print(
                 "[yellow]note:[/yellow] onnxruntime 1.31 and later refuse this model's external data through the "
-                "store's links: load it with `Depot.load`, or within `Depot.linked_folder` (real files), or copy "
+                f"store's links: load it with `Depot.load`{within}, or copy "
                 f"the folder first (`cp -rL {escape(str(found.parent))} DEST`)"
             )
     if path is None:
