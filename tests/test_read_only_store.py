@@ -795,6 +795,13 @@ def test_a_copy_that_followed_links_is_said_so_by_reads_and_verify(tmp_path: Pat
         assert bytes(depot.get_file("acme/st", "config.json")) == copied  # (read by the blob, as ever)
     checked = CliRunner().invoke(cli, ["verify", "--home", str(mounted)])
     assert checked.exit_code == 1 and "followed links" in " ".join(checked.output.split()), checked.output
+    # An export from the read-only mount copies (no link crosses it), and says so: each container's start
+    # copied each model whole, unsaid (an explorer's trial)
+    exported = CliRunner().invoke(
+        cli, ["hf-cache", "export", "acme/q", "--cache-dir", str(tmp_path / "hf"), "--home", str(mounted)]
+    )
+    said = " ".join(exported.output.split())
+    assert exported.exit_code == 0 and "0 hard-linked" in said and "could not be hard-linked" in said, said
 
 
 def test_verify_says_a_blob_this_user_may_not_read_and_checks_the_rest(tmp_path: Path) -> None:

@@ -133,7 +133,7 @@ def export_command(
             progress=lambda what, done, total: bar.update(done, total, what),
             move_ref=move_ref,
         )
-    render.emit(as_json, result.to_dict(), lambda: _render_export(result))
+    render.emit(as_json, result.to_dict(), lambda: _render_export(result, copied_asked=copy))
     if not result.ok:
         sys.exit(EXIT_FAILURE)
 
@@ -165,7 +165,7 @@ def _render_import(result: HfCacheImportResult) -> None:
         render.out.print(f"[yellow]{render.count(skipped, 'problem')}[/yellow]: those entries were skipped")
 
 
-def _render_export(result: HfCacheExportResult) -> None:
+def _render_export(result: HfCacheExportResult, copied_asked: bool = False) -> None:
     _render_problems(result.problems)
     render.out.print(
         f"exported {result.repo_id}@{result.revision} → commit {result.commit_id[:12]}: "
@@ -173,6 +173,11 @@ def _render_export(result: HfCacheExportResult) -> None:
         f"{render.format_bytes(result.bytes)} ({result.linked} hard-linked, {result.copied} copied, "
         f"{result.kept} already there)"
     )
+    if result.copied and not copied_asked:
+        # (every container's start copied each model whole from a read-only image, unsaid: an explorer's trial)
+        render.err.print("[yellow]note:[/yellow] the copied blobs could not be hard-linked (another file system, "
+                         "a read-only mount): they take their room twice; export into a cache on the store's file "
+                         "system where it is written (an image's build step) to link them")  # fmt: skip
     render.out.print(f"snapshot: {escape(str(result.snapshot_path))}")
     if result.not_in_store:
         shown = ", ".join(result.not_in_store[:5]) + (" …" if len(result.not_in_store) > 5 else "")
