@@ -79,6 +79,22 @@ def test_load_gives_a_warmed_session_with_external_data_and_caches_it(
     assert (stats.total_misses, stats.total_hits, stats.cached_models) == (1, 1, 1)
 
 
+def test_load_takes_onnxruntimes_providers_and_caches_a_session_per_list(loaded: Depot) -> None:
+    """`load` took no execution providers: a GPU's session needed a caller's own loader, which cannot reach
+    external data on a read-only store (an explorer's trial)."""
+    default = loaded.load(REPO, "fp32", warmup=0)
+    chosen = loaded.load(REPO, "fp32", warmup=0, providers=["CPUExecutionProvider"])
+    assert chosen.get_providers() == ["CPUExecutionProvider"] and chosen is not default
+    assert loaded.load(REPO, "fp32", warmup=0, providers=("CPUExecutionProvider",)) is chosen  # (a cache hit)
+    for wrong, engine in (
+        ("CPUExecutionProvider", "onnxruntime"),
+        (["CPUExecutionProvider"], "safetensors"),
+        ([], "onnxruntime"),
+    ):
+        with pytest.raises(InvalidInputError):
+            loaded.load(REPO, "fp32", warmup=0, providers=wrong, engine=engine)
+
+
 def test_a_callers_loader_and_linked_folder_open_a_model_with_external_data(
     loaded: Depot, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -182,6 +182,9 @@ def test_a_store_on_a_read_only_mount_is_read_loaded_and_served(tmp_path: Path, 
         fp32 = depot.load(ONNX_REPO, quant="fp32")
         x = np.ones((2, 4), dtype=np.float32)
         np.testing.assert_allclose(fp32.run(None, {"x": x})[0], x @ ONNX_WEIGHT + ONNX_BIAS, rtol=1e-5)
+        # (with providers chosen, too: a caller's own loader cannot reach that data here, an explorer's trial)
+        chosen = depot.load(ONNX_REPO, quant="fp32", providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(chosen.run(None, {"x": x})[0], x @ ONNX_WEIGHT + ONNX_BIAS, rtol=1e-5)
         assert depot.preloader.preload("acme/q", quant="Q4_K_M").bytes > 300_000
         assert depot.verify().problems == ()
         assert depot.scrubber().scrub().blobs_checked == depot.du().blobs

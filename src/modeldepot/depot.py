@@ -885,6 +885,7 @@ class Depot(Upkeep):
         warmup: int = 1,
         inputs: Mapping[str, Any] | None = None,
         file: str | None = None,
+        providers: Sequence[str] | None = None,
     ) -> Any:
         """A loaded, warmed-up engine for a variant of ``repo_id``, kept in :attr:`engines` (an LRU of
         loaded engines): the second call for the same variant and engine is a cache hit.
@@ -899,7 +900,10 @@ class Depot(Upkeep):
         dummy inference passes run after the load (shaped from the model's inputs unless ``inputs`` is
         given); their failure is logged, not raised. ``file`` names the model file to load (a path in the
         repo, as ``"onnx/encoder_model.onnx"``: one graph of an encoder-decoder export), pulled with its
-        variant; by default the variant's plainest. The steps are in :mod:`modeldepot.engines.loading`.
+        variant; by default the variant's plainest. ``providers``: onnxruntime's execution providers, in order
+        (``["CUDAExecutionProvider", "CPUExecutionProvider"]``; CPU alone by default), a session cached per
+        list; on a read-only store too, where a caller's own loader cannot reach external data through the
+        snapshot's links. The steps are in :mod:`modeldepot.engines.loading`.
         """
 
         def pull_variant(repo: str, variant: str | None, rev: str, choose: ChooseVariant) -> str:
@@ -933,6 +937,10 @@ class Depot(Upkeep):
 
         from modeldepot.engines.loading import load_variant
 
+        if isinstance(providers, str):  # (one name would be taken letter by letter)
+            raise InvalidInputError(f"providers is a list of onnxruntime's execution providers: [{providers!r}]")
+        # (a list is not a key: the session is cached by its providers)
+        chosen_providers = None if providers is None else tuple(providers)
         self._held.look_now_and_then()  # (what another process removed is not handed out from the cache)
         if self.tiers.shared:
             try:
@@ -944,7 +952,7 @@ class Depot(Upkeep):
                 try:
                     return load_variant(store, self.preloader, self.engines, _not_here, True,
                                         store.spelled(repo_id), quant, commit_id, engine, warmup, inputs,
-                                        owner=self.store, file=file)  # fmt: skip
+                                        owner=self.store, file=file, providers=chosen_providers)  # fmt: skip
                 except (NotFoundError, CorruptBlobError):
                     continue
             behind = self._left_behind(repo_id, quant, revision, commit_id) if file is None else None
@@ -954,9 +962,11 @@ class Depot(Upkeep):
                             "(offline: the branch's is not pulled)", repo_id, revision, commit_id[:12], quant,
                             older[:12], store.home)  # fmt: skip
                 return load_variant(store, self.preloader, self.engines, _not_here, True, store.spelled(repo_id),
-                                    quant, older, engine, warmup, inputs, owner=self.store)  # fmt: skip
+                                    quant, older, engine, warmup, inputs, owner=self.store,
+                                    providers=chosen_providers)  # fmt: skip
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
-                            repo_id, quant, revision, engine, warmup, inputs, file=file)  # fmt: skip
+                            repo_id, quant, revision, engine, warmup, inputs, file=file,
+                            providers=chosen_providers)  # fmt: skip
 
     def _left_behind(
         self, repo_id: str, quant: str | None, revision: str, commit_id: str

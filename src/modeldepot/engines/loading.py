@@ -16,6 +16,7 @@ handed over mapped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -129,6 +130,7 @@ def load_variant(
     owner: Store | None = None,
     file: str | None = None,
     healed: frozenset[str] = frozenset(),
+    providers: tuple[str, ...] | None = None,
 ) -> Any:
     """A loaded, warmed-up engine for a variant, from ``cache`` or built now (see the module's docstring).
     ``owner``: the store of the depot that loads it, when ``store`` is a shared one it reads through (the
@@ -136,7 +138,8 @@ def load_variant(
     ``offline``: a variant missing from a revision the store holds is an error listing the ones it has.
     ``file``: the model file to load (a path in the repo), not the variant's plainest. A file found
     corrupt as it is read is pulled again and the load tried again (online), once for each blob (``healed``:
-    those pulled again so far)."""
+    those pulled again so far). ``providers``: onnxruntime's execution providers, in order (its engines only;
+    keyed with them)."""
     validate_repo_id(repo_id)
     validate_revision(revision)
     if quant is not None:
@@ -149,6 +152,14 @@ def load_variant(
     if inputs is not None and not isinstance(inputs, Mapping):  # (a list was only a warm-up's logged failure)
         raise InvalidInputError(f"inputs maps each input's name to its array, not {type(inputs).__name__}")
     loader, suffixes = _engine(engine)
+    if providers is not None:
+        if not isinstance(engine, str) or engine not in ONNX_ENGINES:
+            raise InvalidInputError(f"providers are onnxruntime's: engine {engine!r} takes none")
+        if not providers or not all(isinstance(p, str) and p for p in providers):
+            raise InvalidInputError(
+                f"providers must name onnxruntime's execution providers, not {providers!r}"
+            )
+        loader = functools.partial(load_onnxruntime, providers=list(providers), prepack=ONNX_ENGINES[engine])
     # (a caller's engine loads the file it is given, whatever its suffix; without one, a model file is looked for)
     looked_for = suffixes if file is not None else suffixes or DEFAULT_SUFFIXES
     commit_id, chosen = _locate(store, pull, offline, repo_id, quant, revision, looked_for, file)
@@ -159,7 +170,10 @@ def load_variant(
     shards = (
         (gguf_shard_names(chosen) or safetensors_shard_names(chosen)) if isinstance(engine, str) else None
     )
-    key: Hashable = engine_key(owner or store, repo_id, commit_id, shards[0] if shards else chosen, engine)
+    keyed = (
+        engine if providers is None else (engine, providers)
+    )  # (a session per providers: a GPU's, a CPU's)
+    key: Hashable = engine_key(owner or store, repo_id, commit_id, shards[0] if shards else chosen, keyed)
 
     def build() -> Any:
         if isinstance(engine, str) and engine in SNAPSHOT_ENGINES:
@@ -173,7 +187,9 @@ def load_variant(
                 _refused_by(engine, view, folder),
             ):
                 if store.read_only and engine in ONNX_ENGINES:  # (links to the blobs: handed over mapped)
-                    return _onnx_from_mappings(store, repo_id, commit_id, chosen, view / name, engine, others)
+                    return _onnx_from_mappings(
+                        store, repo_id, commit_id, chosen, view / name, engine, others, providers
+                    )
                 return loader(view / name)
         if chosen.endswith(".onnx") and has_external_data(chosen, (f.path for f in files)):
             # (a caller's loader of an ONNX model with external data: onnxruntime refuses it through the snapshot's
@@ -276,7 +292,7 @@ def load_variant(
         except DepotError as failed:
             raise corrupt from failed
         return load_variant(store, preloader, cache, pull, offline, repo_id, quant, revision, engine, warmups,
-                            inputs, owner, file, healed | {corrupt.sha256})  # fmt: skip
+                            inputs, owner, file, healed | {corrupt.sha256}, providers)  # fmt: skip
 
 
 def _refuse_if_corrupt(store: Store, repo_id: str, commit_id: str, chosen: str, error: Exception) -> None:
@@ -323,7 +339,14 @@ def _engine(engine: str | EngineLoader) -> tuple[EngineLoader, tuple[str, ...]]:
 
 
 def _onnx_from_mappings(
-    store: Store, repo_id: str, commit_id: str, chosen: str, path: Path, engine: str, others: Collection[str]
+    store: Store,
+    repo_id: str,
+    commit_id: str,
+    chosen: str,
+    path: Path,
+    engine: str,
+    others: Collection[str],
+    providers: tuple[str, ...] | None = None,
 ) -> Any:
     """(A read-only store, where no hard link can be made: a read-only mount, another user's, a shared
     one.) An onnxruntime session for ``path`` in the
@@ -358,7 +381,9 @@ def _onnx_from_mappings(
                 view = memoryview(mapping)
                 held.callback(view.release)
                 beside[name] = view
-        return load_onnxruntime(path, prepack=ONNX_ENGINES[engine], external_data=beside)
+        return load_onnxruntime(
+            path, list(providers) if providers else None, prepack=ONNX_ENGINES[engine], external_data=beside
+        )
 
 
 def _gone(store: Store, repo_id: str, commit_id: str, chosen: str) -> bool:
