@@ -843,6 +843,7 @@ def test_the_uses_of_a_store_before_revisions_counted_their_own_count_for_its_re
         con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
         con.execute("ALTER TABLE refs DROP COLUMN tag")
         con.execute("ALTER TABLE repos DROP COLUMN gated_only")
+        con.execute("DROP TABLE ref_history")
         con.execute("INSERT OR REPLACE INTO access VALUES ('acme/a', '', 5, 4e9)")  # (a use in 2096)
         con.execute("PRAGMA user_version = 10")
         con.commit()

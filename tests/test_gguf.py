@@ -525,7 +525,7 @@ def test_a_quant_left_behind_by_a_pull_of_another_is_found_at_its_older_commit(
     assert said.exit_code == 0, said.output
     found = Path(said.stdout.strip())
     assert found.name == "tiny-Q4_K_M.gguf" and found.parent.name == old, said.output
-    assert f"this is Q4_K_M of {old[:12]}, an older revision" in said.stderr
+    assert f"this is Q4_K_M of {old[:12]}, the revision it left behind" in said.stderr
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with Depot(tmp_path / "local") as offline:
         check_values(offline.load(REPO, "Q4_K_M", engine="gguf"))

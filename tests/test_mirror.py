@@ -1077,6 +1077,7 @@ def test_a_store_from_before_hidden_at_takes_its_pulled_private_repos_as_hidden_
             con.execute("ALTER TABLE repos DROP COLUMN hidden_at")
             con.execute("ALTER TABLE refs DROP COLUMN tag")
             con.execute("ALTER TABLE repos DROP COLUMN gated_only")
+            con.execute("DROP TABLE ref_history")
             con.execute("PRAGMA user_version = 12")
     with Depot(tmp_path / "store") as depot:
         hidden = {repo for repo in (*upstream_said, "acme/mine") if depot.store.hidden_by_upstream(repo)}

@@ -32,6 +32,7 @@ from modeldepot.errors import (
     ReadOnlyStoreError,
     RepoNotFoundError,
     RevisionNotFoundError,
+    VariantNotFoundError,
 )
 from modeldepot.server.app import create_app
 
@@ -282,6 +283,43 @@ def test_a_variant_the_image_baked_loads_offline_after_the_container_pulled_anot
                               env={"MODELDEPOT_SHARED": str(admin), "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert said.exit_code == 0 and str(admin) in said.stdout and baked in said.stdout, said.output
     assert f"this is Q4_K_M of {baked[:12]}" in said.stderr
+
+
+def test_a_commit_the_image_pulled_by_its_id_is_no_branchs_left_behind(
+    tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image pinned a pull request's commit by its id; main never moved: an offline load of main's
+    Q4_K_M loaded the PR's, called "the revision main left behind" (a review). Only what a branch named
+    before it moved, or names in another store, answers for it."""
+    pr_source = quants(tmp_path / "src" / "pr")
+    (pr_source / "model-Q4_K_M.gguf").write_bytes(b"a contributor's experimental Q4_K_M")
+    pr = upstream.depot.import_dir(pr_source, "acme/q", revision="refs/pr/7").commit_id
+    with Depot(tmp_path / "image", chunk_size=SMALL_CHUNK) as image:
+        image.pull("acme/q", quants=["Q4_K_M"], revision=pr)
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[tmp_path / "image"]) as user:
+        user.pull("acme/q", quants=["Q8_0"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with Depot(tmp_path / "user", shared=[tmp_path / "image"]) as user, pytest.raises(VariantNotFoundError):
+        user.load("acme/q", "Q4_K_M", engine=lambda path: path.read_bytes())
+
+
+def test_a_snapshot_folder_is_never_one_whose_blob_this_user_found_corrupt(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """The shared store's blob was found rotten and pulled good into the own store: snapshot_path kept
+    choosing the shared folder (most bytes), and every call raised CorruptBlobError (a review)."""
+    image = tmp_path / "image"
+    good = (tmp_path / "src" / "q" / "model-Q8_0.gguf").read_bytes()
+    with Depot(image, chunk_size=SMALL_CHUNK) as depot:
+        depot.pull("acme/q")
+        blob = depot.store.blobs.path(depot.file_info("acme/q", "model-Q8_0.gguf").sha256)
+    flip_byte(blob, 200)
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[image]) as user:
+        with pytest.raises(CorruptBlobError):
+            user.get_chunk("acme/q", "model-Q8_0.gguf", 0)
+        user.pull("acme/q", quants=["Q8_0"])
+    with Depot(tmp_path / "user", chunk_size=SMALL_CHUNK, shared=[image]) as user:
+        assert (user.snapshot_path("acme/q") / "model-Q8_0.gguf").read_bytes() == good
 
 
 def test_a_tag_a_shared_store_holds_is_listed_as_one(tmp_path: Path, admin: Path, upstream: Upstream) -> None:

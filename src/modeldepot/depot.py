@@ -938,7 +938,9 @@ class Depot(Upkeep):
         from modeldepot.engines.loading import load_variant
 
         if isinstance(providers, str):  # (one name would be taken letter by letter)
-            raise InvalidInputError(f"providers is a list of onnxruntime's execution providers: [{providers!r}]")
+            raise InvalidInputError(
+                f"providers is a list of onnxruntime's execution providers: [{providers!r}]"
+            )
         # (a list is not a key: the session is cached by its providers)
         chosen_providers = None if providers is None else tuple(providers)
         self._held.look_now_and_then()  # (what another process removed is not handed out from the cache)
@@ -961,9 +963,10 @@ class Depot(Upkeep):
                 log.warning("%s: %s at %s does not hold %s; loading it from %s, the revision it left behind in %s "
                             "(offline: the branch's is not pulled)", repo_id, revision, commit_id[:12], quant,
                             older[:12], store.home)  # fmt: skip
-                return load_variant(store, self.preloader, self.engines, _not_here, True, store.spelled(repo_id),
-                                    quant, older, engine, warmup, inputs, owner=self.store,
-                                    providers=chosen_providers)  # fmt: skip
+                with contextlib.suppress(NotFoundError, CorruptBlobError):  # (the own store's error, below)
+                    return load_variant(store, self.preloader, self.engines, _not_here, True, store.spelled(repo_id),
+                                        quant, older, engine, warmup, inputs, owner=self.store,
+                                        providers=chosen_providers)  # fmt: skip
         return load_variant(self.store, self.preloader, self.engines, pull_variant, self.config.offline,
                             repo_id, quant, revision, engine, warmup, inputs, file=file,
                             providers=chosen_providers)  # fmt: skip

@@ -65,6 +65,7 @@ class Tiers:
         self.own = own
         self.shared = tuple(shared)
         self.all = (own, *self.shared)
+        self._said_lacking: set[tuple[str, str, str]] = set()  # (a folder's lack, said once a process)
         for store in self.shared:
             store.add_quarantine_hook(functools.partial(self._found_corrupt, store))
         if self.shared:
@@ -193,9 +194,17 @@ class Tiers:
             return store, spelled, commit_id
         held = {s: (other_spelled := s.spelled(repo_id), self._paths_held(s, other_spelled, commit_id))
                 for s in self.all}  # fmt: skip
+        for (
+            shared
+        ) in self.shared:  # (a blob a process of this depot found corrupt there holds nothing: a review)
+            paths = held[shared][1]
+            for path, sha256 in list(self._blobs_of(shared, held[shared][0], commit_id).items()):
+                if path in paths and self.found_corrupt(shared, sha256):
+                    del paths[path]
         best = max(self.all, key=lambda s: (sum(held[s][1].values()), s is store))
         lacking = sorted(set().union(*(paths for _, paths in held.values())) - set(held[best][1]))
-        if lacking:
+        if lacking and (said := (best.store_id, repo_id.lower(), commit_id)) not in self._said_lacking:
+            self._said_lacking.add(said)
             log.warning("%s@%s: the snapshot folder at %s lacks %s, which another store holds: read such files "
                         "with get_file or file_path (a folder is one store's)", repo_id, commit_id[:12],
                         best.home, ", ".join(lacking[:3]) + (" and more" if len(lacking) > 3 else ""))  # fmt: skip
@@ -203,9 +212,20 @@ class Tiers:
 
     @staticmethod
     def _paths_held(store: Store, repo_id: str, commit_id: str) -> dict[str, int]:
-        rows = store.index.read("SELECT path, size FROM files WHERE repo_id = ? AND commit_id = ?",
-                                (repo_id, commit_id))  # fmt: skip
+        """Path -> size of the commit's files the store holds good."""
+        rows = store.index.read("SELECT f.path, f.size FROM files f JOIN blobs b USING (sha256) WHERE f.repo_id = ? "
+                                "AND f.commit_id = ? AND b.state = 'ok'", (repo_id, commit_id))  # fmt: skip
         return {str(row["path"]): int(row["size"]) for row in rows}
+
+    def _blobs_of(self, store: Store, repo_id: str, commit_id: str) -> dict[str, str]:
+        """Path -> SHA-256 of the commit's files in ``store`` whose blob this depot noted refused (none: no look)."""
+        refused_folder = self.own.home / REFUSED_FOLDER
+        if not refused_folder.is_dir():
+            return {}
+        refused = set(os.listdir(refused_folder))
+        rows = store.index.read("SELECT path, sha256 FROM files WHERE repo_id = ? AND commit_id = ?",
+                                (repo_id, commit_id))  # fmt: skip
+        return {str(row["path"]): str(row["sha256"]) for row in rows if row["sha256"] in refused}
 
     def entry(self, repo_id: str, path: str, revision: str) -> tuple[Store, FileEntry]:
         """The store holding the file, and its record (see the module's docstring)."""

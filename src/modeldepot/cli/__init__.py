@@ -361,8 +361,9 @@ def _model_file_of(depot: Depot, repo_id: str, revision: str, quant: str) -> tup
         if older is not None:
             render.err.print(
                 f"[yellow]note:[/yellow] {escape(revision)} is at {commit_id[:12]}, which the store does not hold "
-                f"{escape(quant)} of: this is {escape(quant)} of {older[0][:12]}, an older revision (`modeldepot pull "
-                f"{escape(shlex.quote(repo_id))} -q {escape(shlex.quote(quant))}` fetches {escape(revision)}'s)"
+                f"{escape(quant)} of: this is {escape(quant)} of {older[0][:12]}, the revision it left behind (`modeldepot pull "
+                f"{escape(shlex.quote(repo_id))} -q {escape(shlex.quote(quant))}"
+                f"{'' if revision == 'main' else f' -r {escape(shlex.quote(revision))}'}` fetches {escape(revision)}'s)"
             )
             return older
         # A pull is said only of a variant the commit has, of a repo pulled here (of an imported one, a pull
@@ -456,8 +457,10 @@ def verify_command(depot: Depot, repo_id: str | None, repair: bool, as_json: boo
     # (a snapshot that cannot be rebuilt fails path reads: not ok, a read-only copy's said ok, a trial)
     body = {**report.to_dict(), "ok": report.ok and not report.snapshots_not_repaired}
     if repairs is not None:
+        # (an unreadable blob no repair mends: not ok, a review)
+        unreadable = any(problem.problem == "unreadable" for problem in report.problems)
         body.update(repairs=[dataclasses.asdict(r) for r in repairs], ok=all(r.error is None for r in repairs)
-                    and report.index_ok and not report.snapshots_not_repaired)  # fmt: skip
+                    and report.index_ok and not report.snapshots_not_repaired and not unreadable)  # fmt: skip
     render.emit(as_json, body, lambda: render.render_verify(report, repairs))
     if not body["ok"]:
         sys.exit(EXIT_FAILURE)

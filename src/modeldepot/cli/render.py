@@ -497,7 +497,12 @@ def render_verify(report: VerifyReport, repairs: list[Repair] | None = None) -> 
             out.print(f"[green]repaired[/green] {escape(named)} (fetched again and verified)")
         else:
             err.print(f"[red]not repaired[/red] {escape(named)}: {escape(repair.error)}")
-    if repairs is not None and report.index_ok and not report.snapshots_not_repaired:
+    unreadable = sum(problem.problem == "unreadable" for problem in report.problems)
+    if unreadable and (repairs is not None or len(report.problems) == unreadable):
+        # (a permission, not corrupt bytes: the corrupt blobs' advice misled, a review)
+        out.print(f"[red]{count(unreadable, 'blob')} this user may not read[/red] (not checked, not quarantined: "
+                  f"give the user read access, or verify as the store's owner): {summary}")  # fmt: skip
+    elif repairs is not None and report.index_ok and not report.snapshots_not_repaired:
         left = sum(repair.error is not None for repair in repairs)
         out.print(f"[green]ok[/green]: {summary}" if not left else
                   f"[red]{count(left, 'revision')} not repaired[/red]: {summary}")  # fmt: skip

@@ -502,7 +502,7 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
                 offline
                 and quant is not None
                 and not is_commit_id(revision)
-                and (older := held_at_another_commit(store, repo_id, commit_id, quant, suffixes))
+                and (older := held_at_another_commit(store, repo_id, revision, commit_id, quant, suffixes))
             ):
                 log.warning("%s: %s at %s does not hold %s whole; loading it from %s, an older revision that does "
                             "(offline: the branch's is not pulled)", repo_id, revision, commit_id[:12], quant,
@@ -541,11 +541,16 @@ def _locate(store: Store, pull: PullVariant, offline: bool, repo_id: str, quant:
 
 
 def held_at_another_commit(
-    store: Store, repo_id: str, commit_id: str, quant: str, suffixes: tuple[str, ...] = DEFAULT_SUFFIXES
+    store: Store,
+    repo_id: str,
+    branch: str,
+    commit_id: str,
+    quant: str,
+    suffixes: tuple[str, ...] = DEFAULT_SUFFIXES,
 ) -> tuple[str, str] | None:
-    """(commit, model file) of the newest revision the branch at ``commit_id`` left behind in ``store`` that
+    """(commit, model file) of the newest revision ``branch`` (at ``commit_id``) left behind in ``store`` that
     holds variant ``quant`` whole, or None: :func:`left_behind`, of one store."""
-    found = left_behind([store], store, repo_id, None, commit_id, quant, suffixes)
+    found = left_behind([store], store, repo_id, branch, commit_id, quant, suffixes)
     return None if found is None else (found[1], found[2])
 
 
@@ -553,39 +558,38 @@ def left_behind(
     stores: Sequence[Store],
     holder: Store,
     repo_id: str,
-    branch: str | None,
+    branch: str,
     commit_id: str,
     quant: str,
     suffixes: tuple[str, ...] = DEFAULT_SUFFIXES,
 ) -> tuple[Store, str, str] | None:
-    """(store, commit, model file) of the newest revision the branch at ``commit_id`` (held by ``holder``)
+    """(store, commit, model file) of the newest revision ``branch`` (at ``commit_id``, held by ``holder``)
     left behind that holds variant ``quant`` whole, or None; only when that commit has the variant too (by
-    its listing: one the upstream dropped stays an error). Left behind: older, and named by no ref, or by
-    ``branch`` in another store (a shared store's baked one, the own store's branch moved on). A pull of
-    another variant moves the branch to the upstream's new commit and leaves behind a variant the upstream
-    changed since: `path -q` and an offline load of it failed while its bytes were on disk, the advice only
-    to download it again (explorers' trials). Never another branch's nor a pull request's (a review)."""
+    its listing: one the upstream dropped stays an error). Left behind: a commit the branch named before it
+    moved (``ref_history``), in any store, or the one it names in another store (a shared store's baked
+    one, the own store's branch moved on); of one commit, the first store's (the own). A pull of another
+    variant moves the branch to the upstream's new commit and leaves behind a variant the upstream changed
+    since: `path -q` and an offline load of it failed while its bytes were on disk (explorers' trials).
+    Never another branch's, a pull request's, nor a commit pulled by its id (reviews)."""
     listed = kept_listing(holder, holder.spelled(repo_id), commit_id)
     if listed is None or group_files(f.path for f in listed).find_for(quant, engine_kinds(suffixes)) is None:
         return None
-    try:
-        since = dict(holder.revisions(holder.spelled(repo_id))).get(commit_id)
-    except NotFoundError:  # (removed meanwhile: the load's own error says so)
-        return None
-    candidates: list[tuple[float, int, Store, str, str]] = []
+    candidates: dict[str, tuple[float, int, Store, str]] = {}  # commit -> (when left, -rank, store, spelled)
     for rank, store in enumerate(stores):
         spelled = store.spelled(repo_id)
         try:
-            revisions = dict(store.revisions(spelled))
-            others = store.detached_revisions(spelled)
-            if branch is not None and store is not holder:
+            seen = store.left_behind_by(spelled, branch)
+            if store is not holder:
                 with contextlib.suppress(NotFoundError):
-                    others = [*others, store.resolve(spelled, branch)]
+                    seen.append((store.resolve(spelled, branch), store.ref_time(spelled, branch) or 0.0))
         except NotFoundError:
             continue
-        candidates += [(revisions[c], -rank, store, spelled, c) for c in others
-                       if c != commit_id and c in revisions and since is not None and revisions[c] <= since]  # fmt: skip
-    for _created, _rank, store, spelled, other in sorted(candidates, key=lambda c: c[:2], reverse=True):
+        for other, when in seen:
+            if other != commit_id and other not in candidates:  # (of one commit, the first store's)
+                candidates[other] = (when, -rank, store, spelled)
+    for other, (_when, _rank, store, spelled) in sorted(
+        candidates.items(), key=lambda c: c[1][:2], reverse=True
+    ):
         try:
             held = _held_paths(store, spelled, other)
             found = model_file(held, quant, suffixes)

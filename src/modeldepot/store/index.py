@@ -266,13 +266,25 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE repos ADD COLUMN gated_only INTEGER NOT NULL DEFAULT 0
     """,
+    # 18: the commits a branch named before it moved, and when it left them: the revision a pull of another
+    # variant left a variant behind in (engines.loading.left_behind; "detached" took a pull request's commit,
+    # pulled by its id, for main's old one: a review)
+    """
+    CREATE TABLE ref_history (
+        repo_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        commit_id TEXT NOT NULL,
+        left_at REAL NOT NULL,
+        PRIMARY KEY (repo_id, name, commit_id)
+    )
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 # A store that cannot be upgraded here (a read-only mount, another user's) is read as it is from this
 # version on: the migrations after it add what only writes use (linked_sources), or what a read does
 # without (commit_listings, revision_access: Index.schema says which it may ask; blobs_by_size;
 # repos.hidden_at, which a mirror's writes alone use, and 14's correction of it; evictions: no history read;
-# refs.tag: every ref a branch; repos.gated_only: none described).
+# refs.tag: every ref a branch; repos.gated_only: none described; ref_history: none left behind).
 READABLE_FROM = 8
 # Result codes (sqlite3.SQLITE_FULL and friends exist only from Python 3.11). Python reports extended codes.
 _SQLITE_IOERR = 10

@@ -373,6 +373,12 @@ def _point_ref(con: sqlite3.Connection, spec: RevisionSpec, now: float) -> bool:
     ).fetchone()
     learned = now if spec.branch_seen_at is None else min(spec.branch_seen_at, now)
     moved = was is None or was[0] != spec.commit_id
+    if was is not None and moved:  # (what it leaves behind: engines.loading.left_behind)
+        con.execute(
+            "INSERT INTO ref_history (repo_id, name, commit_id, left_at) VALUES (?, ?, ?, ?) ON CONFLICT "
+            "(repo_id, name, commit_id) DO UPDATE SET left_at = excluded.left_at",
+            (spec.repo_id, spec.branch, was[0], now),
+        )
     con.execute(
         "INSERT INTO refs (repo_id, name, commit_id, updated_at, tag) VALUES (?1, ?2, ?3, ?4, COALESCE(?6, 0)) ON "
         "CONFLICT (repo_id, name) DO UPDATE SET commit_id = excluded.commit_id, tag = COALESCE(?6, refs.tag), "

@@ -1109,6 +1109,19 @@ class Store:
             for row in rows
         ]
 
+    def left_behind_by(self, repo_id: str, branch: str) -> list[tuple[str, float]]:
+        """The commits ``branch`` named before it moved that the store still holds, and when it left each,
+        newest first (none recorded before schema 18)."""
+        validate_repo_id(repo_id)
+        if self.index.schema < 18:  # (a store read where it cannot be upgraded)
+            return []
+        rows = self.index.read(
+            "SELECT h.commit_id, h.left_at FROM ref_history h JOIN revisions v USING (repo_id, commit_id) "
+            "WHERE h.repo_id = ? AND h.name = ? ORDER BY h.left_at DESC",
+            (repo_id, branch),
+        )
+        return [(row["commit_id"], float(row["left_at"])) for row in rows]
+
     def detached_revisions(self, repo_id: str) -> list[str]:
         """The commits of a repo no ref names (left behind as a branch moved on), newest first."""
         validate_repo_id(repo_id)

@@ -224,13 +224,16 @@ SHARED_REMOVED_TRIES = 3  # publishes a pull tries while files it shares are rem
 OTHER_DESCRIPTORS = 256
 
 
-def _free_room(store: Store, repo_id: str, sizes: dict[str, int], short: int, doing: str) -> int:
+def _free_room(
+    store: Store, repo_id: str, sizes: dict[str, int], short: int, doing: str, repo_keys: set[str]
+) -> int:
     """The disk's shortage of room for ``sizes`` (by download key) once the quarantined copies are deleted,
     and, still short, the interrupted downloads of other files: a disk short of room needs theirs more than
     anyone needs a corrupt copy (after a power loss the torn copy of a model kept the room its own pull
     needed, every repair and pull failed for good, until a human ran `gc`: an explorer's trial), or a resume
     of a pull given up (a killed pull's files kept their whole preallocated size a week). Not while another
-    repo's pull runs: a download it has not claimed yet is its resume (a review)."""
+    repo's pull runs: a download it has not claimed yet is its resume; nor any of this repo's files
+    (``repo_keys``), which another pull of it may be about to resume (reviews)."""
     from modeldepot.store.maintenance import drop_abandoned_downloads, drop_quarantine
 
     freed = drop_quarantine(store)
@@ -241,7 +244,7 @@ def _free_room(store: Store, repo_id: str, sizes: dict[str, int], short: int, do
     if (
         short > 0
         and not store.partials.others_pulling(repo_id)
-        and (freed := drop_abandoned_downloads(store, spare=set(sizes)))
+        and (freed := drop_abandoned_downloads(store, spare=set(sizes) | repo_keys))
     ):
         log.warning("%s: the disk lacks room: deleted %s of interrupted downloads of other files (their pulls "
                     "start over)", doing, size_text(freed))  # fmt: skip
@@ -331,7 +334,10 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         # only once the room is made and released)
         short, _free = await asyncio.to_thread(store.partials.room_short, sizes)
         if short > 0:
-            short = await asyncio.to_thread(_free_room, store, manifest.repo_id, sizes, short, doing)
+            repo_keys = {partial_key(f.sha256, f.git_oid) for f in manifest.files}
+            short = await asyncio.to_thread(
+                _free_room, store, manifest.repo_id, sizes, short, doing, repo_keys
+            )
         await in_budget_pool(writer.make_room, sum(new_bytes.values()), doing, short)
         # ... and the disk looked at again, as the evictions left it (a blob linked outside frees nothing)
         await asyncio.to_thread(store.partials.check_room, sizes, doing)
