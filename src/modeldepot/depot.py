@@ -254,7 +254,7 @@ class Depot(Upkeep):
         try:
             self.store = Store(self.config, create=create)
         except (ReadOnlyStoreError, ConfigError) as error:
-            if not self.config.shared:
+            if not self.config.shared or self.config.home.exists():  # (not made, nor to be made: only then)
                 raise
             # (a container's read-only root, MODELDEPOT_HOME unset: its default own store cannot be made, and the
             # shared store that holds the models was never said: an explorer's trial)
