@@ -629,17 +629,24 @@ def test_a_tag_pulled_is_listed_as_a_tag_down_a_chain_of_nodes(
         with Depot(depot.home) as online:  # the fixture's depot was made offline
             for revision in ("v1.0", "stable", "elsewhere"):  # (elsewhere: a tag at another commit, a branch)
                 online.pull(REPO, revision=revision)
+            # A tag made upstream since the refs were read (kept 10 s) is asked again, not taken for a branch
+            liar.refs = {
+                **liar.refs,
+                "tags": [*liar.refs["tags"], {"name": "v2.0", "ref": "refs/tags/v2.0", **at}],
+            }
+            online.pull(REPO, revision="v2.0")
+            assert "v2.0" in online.store.repo_summary(REPO).tag_refs
             # Refs that cannot be had keep what the store recorded (a tag became a branch again: a review)
             from modeldepot.hub import scan
 
             liar.refs = None
             scan._refs_seen.clear()
             online.pull(REPO, revision="v1.0")
-            assert online.store.repo_summary(REPO).tag_refs == ("v1.0",)
+            assert online.store.repo_summary(REPO).tag_refs == ("v1.0", "v2.0")
             liar.refs = {"branches": [{"name": "v1.0", "ref": "refs/heads/v1.0", **at}], "tags": []}
             scan._refs_seen.clear()
             online.pull(REPO, revision="v1.0")  # (what the refs say, once they say it)
-            assert online.store.repo_summary(REPO).tag_refs == ()
+            assert online.store.repo_summary(REPO).tag_refs == ("v2.0",)
             liar.refs = {"branches": [], "tags": [{"name": "v1.0", "ref": "refs/tags/v1.0", **at}]}
             scan._refs_seen.clear()
             online.pull(REPO, revision="v1.0")
@@ -648,7 +655,10 @@ def test_a_tag_pulled_is_listed_as_a_tag_down_a_chain_of_nodes(
     node = LiveNode(depot)
     try:
         refs = HfApi(endpoint=node.url, token=False).list_repo_refs(REPO)
-        assert [(t.name, t.ref, t.target_commit) for t in refs.tags] == [("v1.0", "refs/tags/v1.0", SHA)]
+        assert [(t.name, t.ref, t.target_commit) for t in refs.tags] == [
+            ("v1.0", "refs/tags/v1.0", SHA),
+            ("v2.0", "refs/tags/v2.0", SHA),
+        ]
         assert sorted(b.name for b in refs.branches) == ["elsewhere", "stable"]
         got = hf_hub_download(
             REPO, "config.json", revision="v1.0", cache_dir=tmp_path / "client", endpoint=node.url

@@ -12,6 +12,7 @@ is followed. The answer is bounded before it is parsed, and every value in it va
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -145,7 +146,7 @@ REFS_TIMEOUT = 5.0  # seconds for a repo's refs listing: a tag's flag is no reas
 REFS_KEPT = (
     10.0  # seconds a repo's refs listing answers the scans of its revisions (a mirror's refs: one each)
 )
-_refs_seen: dict[tuple[str, str], tuple[float, object]] = {}
+_refs_seen: dict[tuple[str, str, str], tuple[float, object]] = {}
 _refs_lock = threading.Lock()
 
 
@@ -158,28 +159,33 @@ def _is_tag(
     REFS_TIMEOUT (a hung refs route held every scan of a tag 30 s more, and a mirror's refs listing asked
     for them once per branch: a review)."""
     refs = _refs_of(endpoint, repo_id, headers)
-    if not isinstance(refs, dict):
-        return None
 
     def named(kind: str) -> list[dict[str, Any]]:
-        listed = refs.get(kind)
+        listed = refs.get(kind) if isinstance(refs, dict) else None
         return (
             [ref for ref in listed if isinstance(ref, dict) and ref.get("name") == revision]
             if isinstance(listed, list)
             else []
         )
 
+    if isinstance(refs, dict) and not named("branches") and not named("tags"):
+        # (a listing kept from before the ref was made: asked again, not taken for "a branch", a review)
+        refs = _refs_of(endpoint, repo_id, headers, fresh=True)
+    if not isinstance(refs, dict):
+        return None
     return not named("branches") and any(
         str(ref.get("targetCommit", "")).lower() == commit_id for ref in named("tags")
     )
 
 
-def _refs_of(endpoint: str, repo_id: str, headers: dict[str, str]) -> object:
-    """The upstream's refs listing of the repo (parsed JSON), kept REFS_KEPT; None when it cannot be had."""
-    key, now = (endpoint, repo_id.lower()), time.monotonic()
+def _refs_of(endpoint: str, repo_id: str, headers: dict[str, str], fresh: bool = False) -> object:
+    """The upstream's refs listing of the repo (parsed JSON), kept REFS_KEPT (``fresh``: asked again), per
+    the credentials that asked; None when it cannot be had."""
+    credentials = hashlib.sha256(headers.get("Authorization", "").encode()).hexdigest()[:16]
+    key, now = (endpoint, repo_id.lower(), credentials), time.monotonic()
     with _refs_lock:
         seen = _refs_seen.get(key)
-        if seen is not None and now - seen[0] < REFS_KEPT:
+        if seen is not None and now - seen[0] < REFS_KEPT and not fresh:
             return seen[1]
     url = f"{endpoint.rstrip('/')}/api/models/{repo_id}/refs"
     try:
