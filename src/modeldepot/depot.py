@@ -945,8 +945,9 @@ class Depot(Upkeep):
         chosen_providers = None if providers is None else tuple(providers)
         self._held.look_now_and_then()  # (what another process removed is not handed out from the cache)
         if self.tiers.shared:
+            holder: Store = self.store
             try:
-                commit_id = self.tiers.holder(repo_id, revision)[2]
+                holder, _, commit_id = self.tiers.holder(repo_id, revision)
             except NotFoundError:
                 commit_id = ""
             for store in self.tiers.all if commit_id else ():
@@ -957,7 +958,7 @@ class Depot(Upkeep):
                                         owner=self.store, file=file, providers=chosen_providers)  # fmt: skip
                 except (NotFoundError, CorruptBlobError):
                     continue
-            behind = self._left_behind(repo_id, quant, revision, commit_id) if file is None else None
+            behind = self._left_behind(holder, repo_id, quant, revision, commit_id) if file is None else None
             if behind is not None:  # (offline: what a store of the tiers holds of the variant, said)
                 store, older = behind
                 log.warning("%s: %s at %s does not hold %s; loading it from %s, the revision it left behind in %s "
@@ -972,7 +973,7 @@ class Depot(Upkeep):
                             providers=chosen_providers)  # fmt: skip
 
     def _left_behind(
-        self, repo_id: str, quant: str | None, revision: str, commit_id: str
+        self, holder: Store, repo_id: str, quant: str | None, revision: str, commit_id: str
     ) -> tuple[Store, str] | None:
         """Offline, under shared stores: the store and revision the branch left behind that hold ``quant``
         whole (:func:`~modeldepot.engines.loading.left_behind`: a container's pull of another variant moved
@@ -981,7 +982,6 @@ class Depot(Upkeep):
 
         if not self.config.offline or quant is None or not commit_id or is_commit_id(revision):
             return None
-        holder = self.tiers.holder(repo_id, revision)[0]
         found = left_behind(self.tiers.all, holder, repo_id, revision, commit_id, quant)
         return None if found is None else (found[0], found[1])
 

@@ -1123,7 +1123,7 @@ class Store:
         return [(row["commit_id"], float(row["left_at"])) for row in rows]
 
     def detached_revisions(self, repo_id: str) -> list[str]:
-        """The commits of a repo no ref names (left behind as a branch moved on), newest first."""
+        """The commits of a repo no ref names (a branch moved on, or a pull by commit id), newest first."""
         validate_repo_id(repo_id)
         rows = self.index.read(
             "SELECT commit_id FROM revisions v WHERE repo_id = ? AND NOT EXISTS (SELECT 1 FROM refs r WHERE "
