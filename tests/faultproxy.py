@@ -52,6 +52,9 @@ class FaultPlan:
     path_suffix: str = ""  # only requests for files ending so are touched ("" = every file)
     slow_delay: float = 0.02  # seconds per 64 KiB piece in "slow" mode
     slow_piece: int = 65536  # "slow" and "flip-slow" modes: bytes sent after each delay
+    flip_range_start: int = (
+        -1
+    )  # "slow" mode: the answer to a request of a range from this byte has a byte flipped
     retry_after_date: float = 0.0  # "429" mode: Retry-After as an HTTP date this far ahead (0: "1" second)
     cut_after: int = 0  # "cut" mode: body bytes sent before the connection is closed
     # Until this time.monotonic(), whatever the mode, every connection is closed unanswered and the ones
@@ -200,17 +203,23 @@ class FaultProxy:
                     assert request.transport is not None
                     request.transport.close()
                     return response
-                if fault in ("flip", "flip-slow") and sent == 0 and len(piece) > 100:
+                flip = fault in ("flip", "flip-slow") or (
+                    plan.flip_range_start >= 0
+                    and request.headers.get("Range", "").startswith(f"bytes={plan.flip_range_start}-")
+                )
+                if flip and sent == 0 and len(piece) > 100:
                     piece = piece[:100] + bytes([piece[100] ^ 0x01]) + piece[101:]
                 if fault in ("slow", "flip-slow"):
                     for at in range(0, len(piece), plan.slow_piece):
                         await asyncio.sleep(plan.slow_delay)
                         await response.write(piece[at : at + plan.slow_piece])
+                        if count:  # (as each piece goes: a slow answer's bytes are counted as they are sent)
+                            plan.body_bytes += len(piece[at : at + plan.slow_piece])
                 else:
                     await response.write(piece)
+                    if count:
+                        plan.body_bytes += len(piece)
                 sent += len(piece)
-                if count:
-                    plan.body_bytes += len(piece)
             await response.write_eof()
             return response
 

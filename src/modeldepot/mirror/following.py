@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from modeldepot.errors import ChunkNotAvailableError, IntegrityError, UpstreamTimeoutError
+from modeldepot.errors import ChunkNotAvailableError, DepotError, IntegrityError, UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.mirror.marks import Sent
@@ -28,9 +29,15 @@ SIBLING_LOOK = 0.25  # seconds between looks for another pull writing the conten
 # between two looks at them then (under a client's 10 s read timeout: a slow upstream's chunk takes longer)
 AHEAD_PATIENCE = 2.0
 AHEAD_LOOK = 0.5
+# Seconds of silence after which an answer whose last byte waits for its chunk to land sends one more byte
+# of the few before it held back for this (TRICKLE_RESERVE): under a client's 10 s read timeout
+TRICKLE_EVERY = 4.0
+TRICKLE_RESERVE = 64
 # Seconds a reader following another process's download of its file waits for that download to land a
 # chunk (a suspended `modeldepot pull`): then the answer breaks, and its client tries again later
 STILL_ELSEWHERE = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +64,22 @@ class PullJob:
 
 
 @dataclass(eq=False)
+class SentAhead:
+    """Bytes of a chunk of ``job``'s partial that went out before the chunk landed: their span (``first``,
+    ``end`` exclusive) and BLAKE3, compared with the chunk once it lands."""
+
+    job: PullJob
+    index: int
+    first: int
+    end: int
+    hash: blake3.blake3 = field(default_factory=blake3.blake3)
+
+    def add(self, block: memoryview) -> None:
+        self.hash.update(block)
+        self.end += len(block)
+
+
+@dataclass(eq=False)
 class Reading:
     """One response's reading of a file: whether it was handed bytes of a chunk no digest vouched for."""
 
@@ -67,14 +90,10 @@ class Reading:
     sent: bool = False  # bytes went out
     # Chunks sent from another process's download of the file: index -> the BLAKE3 it logged for them
     elsewhere: dict[int, str] = field(default_factory=dict)
-    ahead_unchecked: bool = False  # bytes of a chunk went out before it landed, not compared with it yet
     elsewhere_checked: bool = False  # the chunks sent from another process's download matched the file
-    # What went out ahead of a chunk's landing, not compared yet: the pull whose partial it was, the chunk,
-    # the bytes' span (first, end exclusive) and their BLAKE3
-    ahead_from: PullJob | None = None
-    ahead_index: int = -1
-    ahead_span: tuple[int, int] = (0, 0)
-    ahead_hash: blake3.blake3 | None = None
+    # What went out ahead of chunks' landing, not compared with them yet (one chunk followed as it comes, and
+    # those read aside whole that the reader went on from)
+    ahead: list[SentAhead] = field(default_factory=list)
     # What it sent but from the store: each chunk as it landed, or as another process's download logged it
     went_out: Sent = field(default_factory=Sent)
 
@@ -82,9 +101,15 @@ class Reading:
         """All it sent but from the store, and what it sent ahead of a chunk's landing (mirror.marks)."""
         sent = Sent()
         sent.merge(self.went_out)
-        if self.ahead_hash is not None and self.ahead_span[1] > self.ahead_span[0]:
-            sent.add((*self.ahead_span, self.ahead_hash.hexdigest()))
+        for ahead in self.ahead:
+            if ahead.end > ahead.first:
+                sent.add((ahead.first, ahead.end, ahead.hash.hexdigest()))
         return sent
+
+    @property
+    def ahead_unchecked(self) -> bool:
+        """Bytes of a chunk went out before it landed, not compared with it yet."""
+        return bool(self.ahead)
 
     @property
     def unchecked(self) -> bool:
@@ -100,110 +125,229 @@ def hand_out(job: PullJob, reading: Reading) -> None:
 
 
 async def follow(
-    job: PullJob, fd: int, start: int, end: int, reading: Reading, own: bool
+    job: PullJob, fd: int, start: int, end: int, reading: Reading, own: bool, since: float | None = None
 ) -> AsyncIterator[memoryview]:
     """Bytes ``start..end`` of ``job``'s partial as its chunks land, for ``reading``. ``own``: ``job`` is
-    the pull of the file read (not another name's, whose vouched chunks vouch for nothing here)."""
-    partial = job.partial
-    assert partial is not None and job.task is not None
+    the pull of the file read (not another name's, whose vouched chunks vouch for nothing here). ``since``:
+    when (``time.monotonic()``) the reader began to wait for its first chunk (its request came)."""
+    partial, pull = job.partial, job.task
+    assert partial is not None and pull is not None
     vouched = partial.vouched if own else frozenset()
     chunk_size = partial.chunk_size
     last = end // chunk_size  # the final chunk of this response, whole file or range
     resets = partial.resets
-    for index in range(start // chunk_size, last + 1):
-        offset, length = chunk_span(index, partial.size, chunk_size)
-        lo, hi = max(start, offset), min(end, offset + length - 1)
-        position, waiting_since = lo, time.monotonic()
-        ahead: blake3.blake3 | None = None  # what went out of the chunk before it landed
-        # The final chunk of a response waits for the whole-file check, the others for their own landing:
-        # so no response, a range included, ever completes with bytes the upstream's digests have not
-        # vouched for. A range that ends inside the file and whose every chunk the scan's node vouched
-        # for goes at once (a header read of a big file waited for all of it: clients timed out).
-        was_unproven = reading.unproven
-        with wanted(partial, index):  # (fetched next: see ChunkChooser._pick)
-            while True:
-                if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
-                    # (the pull may fetch it again and succeed: what was sent stays refuted; and a resume's
-                    # client may hold bytes of the refuted fetch, which it would join the rest to)
-                    if reading.sent or (reading.resumes and job.handed_out):
-                        reading.unproven = True
-                        if reading.resumes:  # (what its client holds is not known here: never lifted)
-                            reading.went_out.forget()
-                        raise IntegrityError(f"{reading.path}: the file failed its check after part of "
-                                             "it was sent; the answer breaks")  # fmt: skip
-                    resets = partial.resets
-                # (bytes of this chunk sent ahead are compared with it once it lands, below)
-                early = index in vouched and not was_unproven and end < partial.size - 1
-                if index in partial.done and (index != last or early or job.task.done()):
-                    break
-                if job.task.done():
-                    job.task.result()
-                    if index not in partial.done:
-                        raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
-                waited = time.monotonic() - waiting_since
-                if waited >= AHEAD_PATIENCE and index not in partial.done:
-                    # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for
-                    # four at once): its bytes go as they come, unproven, so that a client's read timeout
-                    # (10 s) never waits for a whole chunk (huggingface_hub timed out again and again, and
-                    # below 1 MiB/s failed: an explorer's trial). Never the response's last byte before
-                    # the check.
-                    received = partial.receiving.get(index)
-                    upto = min(hi, end - 1, offset + (received() if received is not None else 0) - 1)
-                    if upto >= position:
-                        if ahead is None:
-                            ahead = blake3.blake3()
-                            reading.unproven = reading.ahead_unchecked = True
-                            reading.ahead_from, reading.ahead_index, reading.ahead_hash = (
-                                job,
-                                index,
-                                ahead,
-                            )
-                            hand_out(job, reading)
-                        async for block in pread_blocks(fd, position, upto):
-                            ahead.update(block)
-                            position += len(block)
-                            # (before the yield: a client that leaves there has had it)
-                            reading.ahead_span, reading.sent = (lo, position), True
-                            yield block
-                        continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
-        if ahead is not None:
-            # What went ahead must be the chunk as it landed (checked against its digest, or the Hub's
-            # bytes, which the file's SHA-256 checks): a transfer that started over, or a source found
-            # lying, rewrote them. Else the answer breaks, and a resume of it is sent whole.
-            landed = blake3.blake3()
-            async for block in pread_blocks(fd, lo, position - 1):
-                landed.update(block)
-            if landed.digest() != ahead.digest():
-                raise IntegrityError(f"{reading.path}: bytes sent as they came are not the chunk that "
-                                     "landed; the answer breaks")  # fmt: skip
-            reading.ahead_unchecked = False
-            # Proven now, as if sent once the chunk landed: a range inside the file still goes with its own
-            # chunks, not waiting for the whole file's check (a review's trial)
-            if index in vouched:
-                reading.unproven = was_unproven
-        if index == last and not early:
-            job.task.result()  # (the whole file matched)
-            check_sent_elsewhere(reading.path, reading.elsewhere, partial.done.get)
-            reading.elsewhere_checked = True
-        elif index not in vouched:
-            reading.unproven = True
+    # Unproven bytes went out (chunks no digest vouched for, another process's download's), the chunks sent
+    # ahead of their landing and not compared yet aside
+    settled_unproven = reading.unproven
+    # Chunks whose bytes went out whole, read aside, that the reader went on from before they landed: each
+    # with its mark as wanted (fetched next), compared with the chunk once it lands (see below)
+    deferred: dict[int, tuple[SentAhead, contextlib.AbstractContextManager[None]]] = {}
+
+    def check_not_reset() -> None:
+        nonlocal resets
+        if partial.resets != resets:  # the whole file failed its check: every chunk was dropped
+            # (the pull may fetch it again and succeed: what was sent stays refuted; and a resume's client may
+            # hold bytes of the refuted fetch, which it would join the rest to)
+            if reading.sent or (reading.resumes and job.handed_out):
+                reading.unproven = True
+                if reading.resumes:  # (what its client holds is not known here: never lifted)
+                    reading.went_out.forget()
+                raise IntegrityError(f"{reading.path}: the file failed its check after part of it was sent; "
+                                     "the answer breaks")  # fmt: skip
+            resets = partial.resets
+
+    async def settle(sent: SentAhead) -> None:
+        """Compare what went ahead of chunk ``sent.index``, landed now, with the chunk as it landed."""
+        nonlocal settled_unproven
+        # What went ahead must be the chunk as it landed (checked against its digest, or the Hub's bytes,
+        # which the file's SHA-256 checks): a transfer that started over, or a source found lying, rewrote
+        # them. Else the answer breaks, and a resume of it is sent whole.
+        landed = blake3.blake3()
+        async for block in pread_blocks(fd, sent.first, sent.end - 1):
+            landed.update(block)
+        if landed.digest() != sent.hash.digest():
+            raise IntegrityError(f"{reading.path}: bytes sent as they came are not the chunk that landed; "
+                                 "the answer breaks")  # fmt: skip
+        reading.ahead.remove(sent)
+        # Proven now, as if sent once the chunk landed: a range inside the file still goes with its own chunks,
+        # not waiting for the whole file's check (a review's trial)
+        if sent.index not in vouched:
+            settled_unproven = True
             hand_out(job, reading)
+        reading.unproven = settled_unproven or reading.ahead_unchecked
+        record_landed(sent.index)
+
+    def record_landed(index: int) -> None:
         # What of the chunk goes out (or went ahead, and matched it) is the chunk as it landed: recorded
         # before it goes, for a mark of the file should the answer break
-        landed_as, digest = partial.resets, partial.done.get(index)
+        offset, length = chunk_span(index, partial.size, chunk_size)
+        digest = partial.done.get(index)
         if digest is None:  # pragma: no cover  (a chunk is done here)
             reading.went_out.forget()
         else:
             reading.went_out.add((offset, offset + length, digest))
-        try:
-            async for block in pread_blocks(fd, position, hi):
-                reading.sent = True
-                yield block
-        finally:  # (a client that left mid-chunk too)
-            if partial.resets != landed_as:  # the chunk was dropped while it went: what went is not known
-                reading.went_out.forget()
+
+    async def settle_landed() -> None:
+        """Compare the deferred chunks that landed meanwhile."""
+        for index, (sent, mark) in list(deferred.items()):
+            if index in partial.done:
+                del deferred[index]
+                mark.__exit__(None, None, None)
+                await settle(sent)
+
+    last_went = time.monotonic() if since is None else since  # when bytes last went (or the headers did)
+    try:
+        for index in range(start // chunk_size, last + 1):
+            offset, length = chunk_span(index, partial.size, chunk_size)
+            lo, hi = max(start, offset), min(end, offset + length - 1)
+            position, waiting_since = lo, time.monotonic()
+            if since is not None and lo == start:
+                waiting_since = min(since, waiting_since)
+            sent: SentAhead | None = None  # what went out of the chunk before it landed
+            went_aside = False  # its bytes were read aside (see below): once a chunk, whatever came of it
+            # Bytes read aside from ``position`` on, held back to be trickled (the answer's last chunk)
+            held = bytearray()
+            # The answer's last bytes before its last go ahead of their chunk's landing a byte at a time, when
+            # nothing else went for a while (see TRICKLE_EVERY)
+            trickled_from = max(lo, end - TRICKLE_RESERVE) if index == last else end
+            received_before, measured_since = received_bytes(partial, index), time.monotonic()  # (its pace)
+            # The final chunk of a response waits for the whole-file check, the others for their own landing:
+            # so no response, a range included, ever completes with bytes the upstream's digests have not
+            # vouched for. A range that ends inside the file and whose every chunk the scan's node vouched
+            # for goes at once (a header read of a big file waited for all of it: clients timed out).
+            # (fetched next: see ChunkChooser._pick)
+            mark: contextlib.AbstractContextManager[None] = wanted(partial, index)
+            mark.__enter__()
+            try:
+                while True:
+                    check_not_reset()
+                    await settle_landed()
+                    # (bytes of this chunk sent ahead are compared with it once it lands, below)
+                    early = index in vouched and not settled_unproven and end < partial.size - 1
+                    if (
+                        index in partial.done
+                        and (index != last or early or pull.done())
+                        and (index != last or not deferred)  # (compared before the answer's last byte)
+                    ):
+                        break
+                    if pull.done():
+                        pull.result()
+                        if index not in partial.done:
+                            raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
+                    now = time.monotonic()
+                    if index == last and position < end and now - last_went >= TRICKLE_EVERY:
+                        # A client's read timeout (10 s) must not expire while the answer's last byte waits
+                        # for its chunk to land (a safetensors header read, bytes 0-999, through a mirror of
+                        # a 2 MiB/s upstream waited 28 s for the rest of its 16 MiB chunk: a trial): a byte
+                        # held back goes, as bytes sent ahead do, compared with the chunk once it lands.
+                        byte = aside = bytes(held[:1])  # (read aside: unproven, landed or not)
+                        if aside:
+                            del held[:1]
+                        elif index in partial.done or offset + received_bytes(partial, index) > position:
+                            byte = await asyncio.to_thread(os.pread, fd, 1, position)
+                        if byte:
+                            if aside or index not in partial.done or sent is not None:
+                                sent = sent or going_ahead(job, reading, index, lo)
+                                sent.add(memoryview(byte))
+                            elif not early:  # (landed, its file not checked whole yet: unproven)
+                                settled_unproven = reading.unproven = True
+                                hand_out(job, reading)
+                            position += 1
+                            reading.sent, last_went = True, now
+                            yield memoryview(byte)
+                            continue
+                    waited = now - waiting_since
+                    if waited >= AHEAD_PATIENCE and index not in partial.done and not held:
+                        # A chunk slow to land (a slow upstream: 16 MiB at 1 MiB/s, a quarter of it each for
+                        # four at once): its bytes go as they come, unproven, so that a client's read timeout
+                        # (10 s) never waits for a whole chunk (huggingface_hub timed out again and again, and
+                        # below 1 MiB/s failed: an explorer's trial). Never the response's last byte before
+                        # the check.
+                        received = received_bytes(partial, index)
+                        upto = min(hi, trickled_from - 1, offset + received - 1)
+                        if upto >= position:
+                            sent = sent or going_ahead(job, reading, index, lo)
+                            async for block in pread_blocks(fd, position, upto):
+                                sent.add(block)
+                                position += len(block)
+                                # (before the yield: a client that leaves there has had it)
+                                reading.sent, last_went = True, time.monotonic()
+                                yield block
+                            continue
+                        # A range that starts deep inside the chunk: its bytes, at the pace the chunk comes
+                        # from its start, would come after a client's read timeout (a read of 1000 bytes near
+                        # the end of a 16 MiB chunk, through a mirror of a 2 MiB/s upstream, timed out five
+                        # times: an explorer's trial). They are read aside, in a request of their own, and
+                        # compared with the chunk once it lands, as any bytes sent ahead are; the reader goes
+                        # on to the next chunk without waiting for that landing (the rest of the chunk came at
+                        # the link's pace: 8 s more of a 2 MiB/s link), and compares them before its last byte.
+                        read_aside, aside_end = partial.read_aside, min(hi, end - 1)
+                        measured = time.monotonic() - measured_since
+                        pace = (received - received_before) / measured if measured >= AHEAD_LOOK else None
+                        if (
+                            read_aside is not None
+                            and not went_aside
+                            and aside_end >= position
+                            and pace is not None
+                            and position - (offset + received) >= pace * AHEAD_PATIENCE
+                        ):
+                            blocks = read_aside(position, aside_end)
+                            try:
+                                while partial.resets == resets and index not in partial.done:
+                                    try:
+                                        block = await anext(blocks)
+                                    except StopAsyncIteration:
+                                        break  # (with nothing: none may be made now, tried again later)
+                                    except (DepotError, OSError) as error:
+                                        # (the chunk still goes, as it lands)
+                                        log.debug("%s: a read aside of bytes %d-%d failed: %s", reading.path,
+                                                  position, aside_end, error)  # fmt: skip
+                                        went_aside = True
+                                        break
+                                    went_aside = True
+                                    going = max(0, min(len(block), trickled_from - position - len(held)))
+                                    held += block[going:]
+                                    if going:
+                                        sent = sent or going_ahead(job, reading, index, lo)
+                                        sent.add(block[:going])
+                                        position += going
+                                        reading.sent, last_went = True, time.monotonic()
+                                        yield block[:going]
+                            finally:
+                                await blocks.aclose()
+                            if sent is not None and position > hi and index not in partial.done:
+                                deferred[index], mark = (sent, mark), contextlib.nullcontext()
+                                break  # (compared once it lands)
+                            if went_aside:
+                                continue
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
+            finally:
+                mark.__exit__(None, None, None)
+            if index in deferred:
+                continue
+            if sent is not None:
+                await settle(sent)
+            if index == last and not early:
+                pull.result()  # (the whole file matched)
+                check_sent_elsewhere(reading.path, reading.elsewhere, partial.done.get)
+                reading.elsewhere_checked = True
+            elif index not in vouched:
+                settled_unproven = reading.unproven = True
+                hand_out(job, reading)
+            if sent is None:
+                record_landed(index)
+            landed_as = partial.resets  # (what was held back of bytes read aside goes from the chunk landed)
+            try:
+                async for block in pread_blocks(fd, position, hi):
+                    reading.sent = True
+                    yield block
+            finally:  # (a client that left mid-chunk too)
+                if partial.resets != landed_as:  # the chunk was dropped while it went: what went is not known
+                    reading.went_out.forget()
+    finally:
+        for _, mark in deferred.values():
+            mark.__exit__(None, None, None)
 
 
 async def follow_elsewhere(
@@ -266,14 +410,35 @@ def wanted(partial: ResumablePartial, index: int) -> Iterator[None]:
             del partial.wanted[index]
 
 
+def going_ahead(job: PullJob, reading: Reading, index: int, first: int) -> SentAhead:
+    """``reading`` sends bytes of chunk ``index`` of ``job``'s partial, from byte ``first``, before the chunk
+    lands: their record, to be compared with the chunk once it does."""
+    sent = SentAhead(job, index, first, first)
+    reading.ahead.append(sent)
+    reading.unproven = True
+    hand_out(job, reading)
+    return sent
+
+
+def received_bytes(partial: ResumablePartial, index: int) -> int:
+    """The bytes from the start of chunk ``index`` a transfer has received into the file, unchecked."""
+    received = partial.receiving.get(index)
+    return received() if received is not None else 0
+
+
 def coming(partial: ResumablePartial, offset: int, waited: float) -> bool:
-    """Whether byte ``offset`` of ``partial`` came in (unchecked, its chunk not landed) and a reader that has
-    waited ``waited`` seconds follows it (:data:`AHEAD_PATIENCE`): the upstream answers, headers may go."""
+    """Whether a reader of byte ``offset`` of ``partial`` that has waited ``waited`` seconds
+    (:data:`AHEAD_PATIENCE`) is sent bytes before their chunk lands (:func:`follow`): the upstream answers,
+    headers may go. So it is when the byte came in (unchecked), or bytes of the file come in and the byte can
+    be read aside."""
     if waited < AHEAD_PATIENCE:
         return False
     index = offset // partial.chunk_size
-    received = partial.receiving.get(index)
-    return received is not None and index * partial.chunk_size + received() > offset
+    if index * partial.chunk_size + received_bytes(partial, index) > offset:
+        return True
+    return partial.read_aside is not None and any(
+        received() > 0 for received in tuple(partial.receiving.values())
+    )
 
 
 async def pread_blocks(fd: int, first: int, last: int) -> AsyncIterator[memoryview]:

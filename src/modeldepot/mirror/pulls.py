@@ -387,16 +387,22 @@ class Mirror:
         return None
 
     async def read(
-        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, job: PullJob
+        self,
+        manifest: Manifest,
+        remote: RemoteFile,
+        start: int,
+        end: int,
+        job: PullJob,
+        since: float | None = None,
     ) -> AsyncIterator[memoryview]:
         """Bytes ``start..end`` (inclusive) of the file, as its pull ``job`` (:meth:`started`'s) lands and
-        checks them."""
+        checks them. ``since``: when (``time.monotonic()``) the request came."""
         reading = Reading(manifest.repo_id, remote.path, resumes=start > 0 and end == remote.size - 1)
         key = (manifest.repo_id.lower(), remote.path)
         self._readings.setdefault(key, set()).add(reading)
         noted = completed = False
         try:
-            async for block in self._read(manifest, remote, start, end, job, reading):
+            async for block in self._read(manifest, remote, start, end, job, reading, since):
                 yield block
             completed = True
         except Exception as error:
@@ -444,16 +450,16 @@ class Mirror:
             self._note_broken(reading)
 
     async def _sent_refuted(self, job: PullJob, reading: Reading) -> bool:
-        source = reading.ahead_from
-        if reading.ahead_unchecked and source is not None and source.partial is not None:
-            partial, index = source.partial, reading.ahead_index
-            assert source.task is not None and reading.ahead_hash is not None
-            while index not in partial.done and not source.task.done():
+        for sent in list(reading.ahead):
+            source, partial = sent.job, sent.job.partial
+            if partial is None:
+                continue  # (bytes go ahead of a partial's chunks alone)
+            assert source.task is not None
+            while sent.index not in partial.done and not source.task.done():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(source.wait(), following.AHEAD_LOOK)
             if source.task.done() and (source.task.cancelled() or source.task.exception() is not None):
                 return True
-            first, end = reading.ahead_span
             fd = open_partial(partial) if not source.task.done() else None
             if fd is None:  # (placed in the store: read there)
                 if source.remote.sha256 is None:
@@ -461,11 +467,11 @@ class Mirror:
                 fd = os.open(self.depot.store.blobs.path(source.remote.sha256), os.O_RDONLY | os.O_CLOEXEC)
             landed = blake3.blake3()
             try:
-                async for block in pread_blocks(fd, first, end - 1):
+                async for block in pread_blocks(fd, sent.first, sent.end - 1):
                     landed.update(block)
             finally:
                 os.close(fd)
-            if landed.digest() != reading.ahead_hash.digest():
+            if landed.digest() != sent.hash.digest():
                 return True
         if reading.elsewhere and not reading.elsewhere_checked:
             assert job.task is not None
@@ -479,8 +485,9 @@ class Mirror:
         return False
 
     async def _read(
-        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, job: PullJob, reading: Reading
-    ) -> AsyncIterator[memoryview]:
+        self, manifest: Manifest, remote: RemoteFile, start: int, end: int, job: PullJob, reading: Reading,
+        since: float | None,
+    ) -> AsyncIterator[memoryview]:  # fmt: skip
         assert job.task is not None
         if remote.size == 0:
             await job.task
@@ -509,7 +516,7 @@ class Mirror:
                 return
             try:
                 # (another repo's pull of the same content: its scan's node vouches for nothing of this one's)
-                async for block in follow(source, fd, start, end, reading, own=source is job):
+                async for block in follow(source, fd, start, end, reading, own=source is job, since=since):
                     yield block
                 if first:  # (a use, as a download's first answer from the store counts one as it opens)
                     self._count_when_pulled(job, manifest, remote)

@@ -179,11 +179,11 @@ async def mirror_resolve(request: web.Request, repo_id: str, revision: str, path
     mirror.check_not_failed(manifest, remote)
     job = await mirror.started(manifest, remote, 0 if wanted is None else wanted.start, since)
     if wanted is None:
-        body = mirror.read(manifest, remote, 0, remote.size - 1, job) if remote.size else None
+        body = mirror.read(manifest, remote, 0, remote.size - 1, job, since) if remote.size else None
         return MirrorResponse(body, 200, {**headers, **whole_headers(request, remote.size)}, remote.size)
     headers["Content-Range"] = wanted.content_range(remote.size)
     return MirrorResponse(
-        mirror.read(manifest, remote, wanted.start, wanted.end, job), 206, headers, wanted.length
+        mirror.read(manifest, remote, wanted.start, wanted.end, job, since), 206, headers, wanted.length
     )
 
 

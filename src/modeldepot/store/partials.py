@@ -65,7 +65,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Set
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -215,6 +215,11 @@ class ResumablePartial:
         # as a reader comes to wait for it (``on_wanted``, set by the download in this process)
         self.wanted: collections.Counter[int] = collections.Counter()
         self.on_wanted: Callable[[int], None] | None = None
+        # Bytes ``first..last`` of the file straight from a source the download in this process asks, unchecked,
+        # as they come (set by that download): a mirror's reader of a range that starts deep inside a chunk
+        # slow to land takes them rather than wait for the chunk's bytes before it (and compares them with the
+        # chunk once it lands)
+        self.read_aside: Callable[[int, int], AsyncGenerator[memoryview, None]] | None = None
         self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
         self._lock_fd = lock_fd  # the log's; a one-chunk content's own data file (read-only)
         self._data_fd = data_fd

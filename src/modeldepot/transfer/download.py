@@ -38,7 +38,7 @@ import mmap
 import os
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +66,7 @@ from modeldepot.transfer.choosing import (
 )
 from modeldepot.transfer.notices import say_now_and_then
 from modeldepot.transfer.pace import PaceWatch, on_the_wire
-from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError
+from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError, Receiving
 from modeldepot.transfer.threads import to_thread_to_the_end
 
 if TYPE_CHECKING:
@@ -86,6 +86,10 @@ SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it lo
 PART_LOG_EVERY = 1.0  # seconds between two notes of how much of each chunk in flight is in the file
 PART_LOG_MIN_BYTES = 1 << 20  # ... each once it has received this much more (the log stays small)
 SWARM_JOIN_EVERY = 2.0  # seconds between two looks for the swarm of a file that began outside it
+# Reads aside of a file at once (a buffer of up to a chunk each): a mirror's many readers deep inside chunks of
+# one file do not each hold a chunk's worth of memory
+ASIDES_AT_ONCE = 2
+ASIDE_LOOK = 0.05  # seconds between two looks at the bytes a read aside (see _read_aside) has received
 YIELD_PACE_AFTER = 1.0  # seconds a late claim's request is on the wire, at least, before its pace judges it
 # A file of one chunk below this size is received into a buffer and hashed from a read, not through
 # mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
@@ -251,6 +255,7 @@ class _FileJob(PaceWatch):
         # is of unknown origin: settled, the fleet would trust a liar's bytes, a review)
         self.from_hub: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.asides = 0  # reads aside in flight (_read_aside)
 
     @property
     def small(self) -> bool:
@@ -296,6 +301,7 @@ class _FileJob(PaceWatch):
         self.limits.files.add(self)
         crashed = self.crashed = self._loop.create_future()
         self.partial.on_wanted = self._wanted_soon
+        self.partial.read_aside = self._read_aside
         hasher = asyncio.create_task(self._hash_in_order())
         follower = None
         if self.swarm is not None:
@@ -330,6 +336,7 @@ class _FileJob(PaceWatch):
             tasks: list[asyncio.Task[Any]] = [hasher, *self.workers, *self.tasks]
             tasks.extend(task for task in (follower, pace, silence) if task is not None)
             self.partial.on_wanted = None
+            self.partial.read_aside = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -460,6 +467,47 @@ class _FileJob(PaceWatch):
         victim = min(busy, key=lambda request: request.receiving.count)
         assert victim.task is not None
         victim.task.cancel()
+
+    async def _read_aside(self, first: int, last: int) -> AsyncGenerator[memoryview, None]:
+        """Bytes ``first..last`` of the file (within one chunk) in a ranged request of their own to a source
+        that gives their chunk (the one asked for it now, first), as they come, unchecked: for a mirror's
+        reader of a range that starts deep inside a chunk slow to land (:attr:`ResumablePartial.read_aside`).
+        Nothing when no source may be asked. The bytes are copies: a retry that starts the range over writes
+        its buffer again."""
+        if self.asides >= ASIDES_AT_ONCE:
+            return
+        index, now = first // self.partial.chunk_size, time.monotonic()
+        asked = [
+            request.source
+            for request in self.requests.get(index, ())
+            if not self._is_banned(request.source, now)
+        ]
+        fitting = asked or [source for source in self.live if self._may_take(source, index, now)]
+        if not fitting:
+            return
+        source, receiving, buffer = fitting[0], Receiving(), bytearray(last - first + 1)
+        fetch = asyncio.ensure_future(source.source.fetch(source.url, first, last, self.remote.size, buffer, receiving,
+                                                          source.kind))  # fmt: skip
+        sent = 0
+        self.asides += 1
+        try:
+            while sent < len(buffer):
+                received = len(buffer) if fetch.done() and fetch.exception() is None else receiving.count
+                if received > sent:
+                    with memoryview(buffer) as whole:
+                        piece = memoryview(bytes(whole[sent:received]))
+                    sent = received
+                    yield piece
+                    continue
+                if fetch.done():
+                    fetch.result()  # (what the source failed with)
+                await asyncio.wait({fetch}, timeout=ASIDE_LOOK)
+        finally:
+            self.asides -= 1
+            fetch.cancel()  # (fetch never ends while its reader thread may still write into the buffer)
+            await asyncio.wait({fetch})
+            if not fetch.cancelled():
+                fetch.exception()  # (retrieved: raised above, or of no use once the reader left)
 
     def _pulse(self) -> None:
         self._changed.set()
