@@ -203,12 +203,14 @@ class FaultProxy:
                     assert request.transport is not None
                     request.transport.close()
                     return response
-                flip = fault in ("flip", "flip-slow") or (
-                    plan.flip_range_start >= 0
-                    and request.headers.get("Range", "").startswith(f"bytes={plan.flip_range_start}-")
-                )
-                if flip and sent == 0 and len(piece) > 100:
+                if fault in ("flip", "flip-slow") and sent == 0 and len(piece) > 100:
                     piece = piece[:100] + bytes([piece[100] ^ 0x01]) + piece[101:]
+                if (
+                    plan.flip_range_start >= 0
+                    and sent == 0
+                    and request.headers.get("Range", "").startswith(f"bytes={plan.flip_range_start}-")
+                ):
+                    piece = bytes([piece[0] ^ 0x01]) + piece[1:]
                 if fault in ("slow", "flip-slow"):
                     for at in range(0, len(piece), plan.slow_piece):
                         await asyncio.sleep(plan.slow_delay)

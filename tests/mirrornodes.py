@@ -14,6 +14,7 @@ import pytest
 from conftest import SMALL_CHUNK, LiveNode, write_model_dir
 from faultproxy import FaultProxy, proxied_node
 from modeldepot import Depot
+from modeldepot.mirror import following as mirror_following
 
 __all__ = [
     "BIG",
@@ -24,6 +25,7 @@ __all__ = [
     "proxied_upstream",
     "read_then_leave",
     "read_until_it_breaks",
+    "slow_chunks",
 ]
 
 REPO = "acme/mirrored"
@@ -93,3 +95,14 @@ async def read_until_it_breaks(url: str) -> bytes:
         except aiohttp.ClientPayloadError:
             return bytes(received)
     raise AssertionError(f"the answer ended whole ({len(received)} bytes)")
+
+
+def slow_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror's reader follows a chunk slow to land after 0.2 s, and its pulls read bodies 4 KiB at a time
+    (as a 16 MiB chunk over a slow link lands a 256 KiB piece at a time), one connection to a source."""
+    from modeldepot.transfer import ranged
+
+    monkeypatch.setattr(mirror_following, "AHEAD_PATIENCE", 0.2)
+    monkeypatch.setattr(mirror_following, "AHEAD_LOOK", 0.05)
+    monkeypatch.setattr(ranged, "READ_PIECE", 4096)
+    monkeypatch.setenv("MODELDEPOT_CONNECTIONS_PER_SOURCE", "1")

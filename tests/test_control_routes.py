@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -264,6 +265,26 @@ def test_the_node_stopping_cancels_its_pulls(
     assert f"pull {job['id']} of {REPO} stopped with the node" in caplog.text
 
 
+def test_a_pull_stopped_with_the_node_says_what_its_resume_takes(
+    local: Depot, proxy: HoldingProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ "kept for a resume" was said of every byte received, a file of one chunk's too, whose part the resume
+    fetched again (an explorer's trial): what the status rows keep is said, as a cancel says it."""
+    caplog.set_level(logging.INFO, logger="modeldepot.server")
+    proxy.hold(100_000)  # (past the first 64 KiB chunk of the 120 kB model: a finished chunk, kept)
+    node = LiveNode(local, token=TOKEN)
+    job = call(node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).json()
+    wait_until(lambda: proxy.sent >= 100_000, 30, "the pull to receive its first bytes")
+    jobs = node.runner.app[PULLS]
+    node.stop()
+    proxy.release()
+    kept = local.get_manifest(REPO).variant("fp16").bytes_done
+    stopped = jobs.get(job["id"])
+    assert stopped is not None and f"{size_text(kept)} kept for a resume" in (stopped.error or ""), stopped
+    said = [r.getMessage() for r in caplog.records if f"pull {job['id']} of {REPO} stopped" in r.getMessage()]
+    assert said and said[0].endswith(f"{size_text(kept)} kept for a resume"), said
+
+
 def test_a_pull_cancelled_as_it_publishes_is_done(
     guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -355,6 +376,42 @@ def test_a_pull_the_disk_budget_cannot_hold_is_refused_as_it_is_asked(
     assert 'modeldepot_node_pulls_total{result="refused"} 1.0' in scraped, scraped[-2000:]
     local.set_max_size(None)
     assert call(guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH).status == 202
+
+
+def test_a_pull_the_disk_cannot_hold_is_refused_as_it_is_asked(
+    proxy: HoldingProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mounts: Mounts
+) -> None:
+    """As a full budget's: it was a 202 for a pull that failed 11 ms later, counted `failed`, and an alert
+    could not tell a full disk from an upstream that broke mid-transfer (an explorer's trial)."""
+    disk = mounts.tmpfs("size=4m")
+    with pulling_depot(disk / "store", proxy.url, monkeypatch) as depot:
+        node = LiveNode(depot, token=TOKEN)
+        try:
+            free = shutil.disk_usage(disk).free
+            (disk / "filler").write_bytes(b"\0" * (free - 400_000))  # (another program's files)
+            refused = call(node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["q4f16"]}, AUTH)
+            assert refused.status == 507 and "store's disk" in refused.json()["error"], refused.body
+            assert call(node.port, "GET", f"{API}/pulls", headers=AUTH).json() == []
+            scraped = call(node.port, "GET", "/metrics", headers=AUTH).body.decode()
+            assert 'modeldepot_node_pulls_total{result="refused"} 1.0' in scraped, scraped[-2000:]
+            assert 'modeldepot_node_pulls_total{result="failed"} 0.0' in scraped
+            (disk / "filler").unlink()
+            started = call(node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["q4f16"]}, AUTH)
+            assert started.status == 202, started.body
+            done = wait_until(
+                lambda: (
+                    (s := call(node.port, "GET", f"{API}/pulls/{started.json()['id']}", headers=AUTH).json())[
+                        "state"
+                    ]
+                    != "running"
+                    and s
+                ),
+                30,
+                "the pull to end",
+            )
+            assert done["state"] == "done", done
+        finally:
+            node.stop()
 
 
 def test_a_pull_of_what_another_write_fetches_is_not_refused_for_its_room_counted_twice(
@@ -1346,6 +1403,20 @@ def test_the_shutdown_grace_is_the_operators(tmp_path: Path) -> None:
     again.line_with("dashboard: ")
     log = again.stop()
     assert "stopping (SIGTERM): 0 answers under way get up to 2 s" in log and "cut" not in log, log
+    # A second SIGTERM in the grace stops at once, as a signal's default does (143), said first: it ended the
+    # node with no line after "stopping" (an explorer's trial)
+    hasty = Serving(tmp_path / "home", env_extra={"MODELDEPOT_SHUTDOWN_GRACE": "30s"})
+    hasty.line_with("dashboard: ")
+    with socket.create_connection(("127.0.0.1", hasty.port), timeout=30) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        slow.sendall(f"GET {path} HTTP/1.1\r\nHost: node\r\n\r\n".encode())
+        assert slow.recv(4096).startswith(b"HTTP/1.1 200 ")
+        hasty.process.terminate()
+        hasty.line_with("stopping (SIGTERM): 1 answer under way")
+        hasty.process.terminate()
+        assert hasty.process.wait(60) == -signal.SIGTERM
+    log = hasty.stop()
+    assert log.rstrip().endswith("SIGTERM again: stopping at once, 1 answer under way cut"), log
 
 
 def test_an_answer_ending_within_the_grace_is_not_cut(tmp_path: Path) -> None:

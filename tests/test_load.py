@@ -1407,3 +1407,38 @@ def test_a_variant_the_repo_lacks_is_a_variant_not_found_error_wherever_it_is_as
     ):
         with pytest.raises(VariantNotFoundError, match="q9"):
             ask()
+
+
+def test_a_left_behind_onnx_model_held_without_its_external_data_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An offline load (and `path -q`) of a variant the branch's new commit lacks takes it from the revision
+    the branch left behind, whole; without that revision's listing (an import), an ONNX model held without
+    the external data the branch's commit has beside it was taken, and onnxruntime failed raw (a review).
+    It is not: the variant is to be pulled."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    full = {
+        "config.json": b"{}",
+        "onnx/model_q4.onnx": b"q4-graph",
+        "onnx/model_q4.onnx_data": b"q4-weights" * 100,
+        "onnx/model_fp16.onnx": b"fp16-graph",
+    }
+    with Depot(tmp_path / "upstream", chunk_size=SMALL_CHUNK) as node_depot:
+        node_depot.import_dir(write_model_dir(tmp_path / "full", full), REPO)
+        node = LiveNode(node_depot)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+        try:
+            with Depot(tmp_path / "local", chunk_size=SMALL_CHUNK, servers=[node.url]) as local:
+                part = {p: full[p] for p in ("config.json", "onnx/model_q4.onnx")}  # (without its data)
+                local.import_dir(write_model_dir(tmp_path / "part", part), REPO)
+                old = local.resolve(REPO)
+                local.pull(REPO, "fp16")  # (main moves to the upstream's commit, which has q4 whole)
+                assert local.resolve(REPO) != old
+        finally:
+            node.stop()
+    said = CliRunner().invoke(cli, ["path", REPO, "-q", "q4", "--home", str(tmp_path / "local")])
+    assert said.exit_code != 0 and old not in said.stdout, said.output

@@ -571,3 +571,75 @@ def test_the_wait_for_an_answer_is_a_histogram_by_route_without_the_body(
     finally:
         mirror.stop()
         upstream.close()
+
+
+def test_a_mirrors_answers_from_its_store_and_through_its_upstream(
+    upstream: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror that served everything through its upstream looked as one that served from its disk: only
+    the answers by route and status said anything (an explorer's trial)."""
+    online(monkeypatch, nowhere())
+    with Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[upstream.url]) as held:
+        mirror = LiveNode(held, mirror=True)
+        try:
+            before = scrape(mirror)
+            assert before.value("modeldepot_mirror_answers_total", source="upstream") == 0
+            assert before.value("modeldepot_mirror_pulls_total", result="failed") == 0
+            target = f"/{UPSTREAM_REPO}/resolve/main/config.json"
+            assert get(mirror, target).body == UPSTREAM_FILES["config.json"]  # (pulled as it went)
+            wait_until(lambda: held.has_file(UPSTREAM_REPO, "config.json"), 30, "the pull to publish")
+            assert get(mirror, target).body == UPSTREAM_FILES["config.json"]  # (from the store)
+            s = scrape(mirror)
+            assert s.value("modeldepot_mirror_answers_total", source="upstream") == 1
+            assert s.value("modeldepot_mirror_answers_total", source="store") == 1
+            assert s.value("modeldepot_mirror_pulls_total", result="done") == 1
+        finally:
+            mirror.stop()
+    assert "modeldepot_mirror_answers" not in scrape_text_of_a_plain_node(tmp_path)
+
+
+def scrape_text_of_a_plain_node(tmp_path: Path) -> str:
+    with Depot(tmp_path / "plain") as plain:
+        served = LiveNode(plain)
+        try:
+            return get(served, "/metrics").body.decode()
+        finally:
+            served.stop()
+
+
+def test_the_background_scrubs_passes_and_finds(tmp_path: Path) -> None:
+    """A scrub that stopped running, or never ran, could not be told from one that found nothing (an
+    explorer's trial): its passes, what they checked and found, and when the last ended."""
+    from controlnodes import Serving
+
+    with Depot(tmp_path / "home", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        big = depot.store.blobs.path(BIG_SHA)
+    served = Serving(tmp_path / "home", "--scrub-interval", "1s")
+    try:
+        served.line_with("dashboard: ")
+        flip_byte(big, 10)
+
+        def scraped() -> dict[str, float]:
+            connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+            try:
+                connection.request("GET", "/metrics")
+                text = connection.getresponse().read().decode()
+            finally:
+                connection.close()
+            return {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name.startswith("modeldepot_scrub_")
+            }
+
+        found = wait_until(lambda: (s := scraped()).get("modeldepot_scrub_corrupt_blobs_total") and s, 60,
+                           "the scrub to find the corrupt blob")  # fmt: skip
+        assert (
+            found["modeldepot_scrub_passes_total"] >= 1 and found["modeldepot_scrub_failed_passes_total"] == 0
+        )
+        assert found["modeldepot_scrub_checked_bytes_total"] > 0
+        assert time.time() - 60 < found["modeldepot_scrub_last_pass_timestamp_seconds"] <= time.time()
+    finally:
+        served.stop()

@@ -34,6 +34,7 @@ from mirrornodes import (
     proxied_upstream,
     read_then_leave,
     read_until_it_breaks,
+    slow_chunks,
 )
 from modeldepot import Depot
 from modeldepot.mirror import following as mirror_following
@@ -1363,17 +1364,6 @@ def test_a_branch_served_from_a_commit_the_mirror_held_is_listed_in_its_refs(
             mirror.depot.close()
 
 
-def slow_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A mirror's reader follows a chunk slow to land after 0.2 s, and its pulls read bodies 4 KiB at a time
-    (as a 16 MiB chunk over a slow link lands a 256 KiB piece at a time), one connection to a source."""
-    from modeldepot.transfer import ranged
-
-    monkeypatch.setattr(mirror_following, "AHEAD_PATIENCE", 0.2)
-    monkeypatch.setattr(mirror_following, "AHEAD_LOOK", 0.05)
-    monkeypatch.setattr(ranged, "READ_PIECE", 4096)
-    monkeypatch.setenv("MODELDEPOT_CONNECTIONS_PER_SOURCE", "1")
-
-
 def test_a_chunk_slow_to_land_is_followed_as_it_comes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
 ) -> None:
@@ -1394,93 +1384,6 @@ def test_a_chunk_slow_to_land_is_followed_as_it_comes(
             rest = answer.raw.read()
         assert first + rest == FILES[BIG]
         assert not mirror.runner.app[MIRROR].broke(REPO, BIG)
-    finally:
-        mirror.stop()
-
-
-def test_a_range_deep_inside_a_chunk_slow_to_land_is_read_aside(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
-) -> None:
-    """A range that starts near the end of a chunk slow to land waited for the chunk's bytes before it (a read
-    of 1000 bytes near the end of a 16 MiB chunk, through a mirror of a 2 MiB/s upstream, timed out again and again: an
-    explorer's trial). Its bytes are read aside, in a request of their own, and compared with the chunk once
-    it lands."""
-    slow_chunks(monkeypatch)
-    # 4 KiB each 0.25 s: the pull's request reaches 60 KiB into a chunk after 3.75 s
-    plan = upstream_proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.25, slow_piece=4096)
-    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
-    try:
-        start = 30 * SMALL_CHUNK + 60 * 1024
-        with requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", stream=True, timeout=60,
-                          headers={"Range": f"bytes={start}-{start + 999}"}) as answer:  # fmt: skip
-            assert answer.status_code == 206
-            # (the last few are held back, to be trickled while the last byte waits for its chunk to land)
-            first = answer.raw.read(999 - mirror_following.TRICKLE_RESERVE)
-            # (all the proxy sent by then: far less than the 60 KiB before the range, in the chunk's order)
-            sent_by_then = plan.body_bytes
-            plan.slow_delay = 0.0  # (the rest at once)
-            rest = answer.raw.read()
-        assert first + rest == FILES[BIG][start : start + 1000]
-        assert sent_by_then < 48 * 1024, (sent_by_then, plan.requests)
-        assert any(request.endswith(f"bytes={start}-{start + 998}") for request in plan.requests), (
-            plan.requests
-        )
-        assert not mirror.runner.app[MIRROR].broke(REPO, BIG)
-        whole = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", timeout=60)
-        assert whole.status_code == 200 and whole.content == FILES[BIG]
-    finally:
-        mirror.stop()
-
-
-def test_the_last_bytes_of_a_range_trickle_while_its_last_chunk_lands(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
-) -> None:
-    """A range's last byte waits for its chunk to land (checked): a safetensors header read, bytes 0-999,
-    through a mirror of a 2 MiB/s upstream got 999 bytes at once and its last one 28 s later, after the
-    client's 10 s read timeout (a trial). While it waits, the few bytes before it go one at a time, each
-    after a silence (compared with the chunk once it lands, as any bytes sent ahead are)."""
-    slow_chunks(monkeypatch)
-    monkeypatch.setattr(mirror_following, "TRICKLE_EVERY", 0.3)
-    # 4 KiB each 0.5 s: the chunk (64 KiB) lands after 8 s
-    plan = upstream_proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.5, slow_piece=4096)
-    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
-    try:
-        with requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", stream=True, timeout=60,
-                          headers={"Range": "bytes=0-999"}) as answer:  # fmt: skip
-            assert answer.status_code == 206
-            first = answer.raw.read(999 - mirror_following.TRICKLE_RESERVE + 3)  # (three trickled)
-            sent_by_then = plan.body_bytes
-            plan.slow_delay = 0.0
-            rest = answer.raw.read()
-        assert first + rest == FILES[BIG][:1000]
-        assert sent_by_then < SMALL_CHUNK, "the trickled bytes waited for their chunk to land"
-        assert not mirror.runner.app[MIRROR].broke(REPO, BIG)
-    finally:
-        mirror.stop()
-
-
-def test_bytes_read_aside_that_the_landed_chunk_refutes_break_the_answer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, upstream_proxy: FaultProxy
-) -> None:
-    """Bytes read aside are the source's word alone: a wrong one went out, and the chunk, once it landed
-    checked, refutes it; the answer breaks before its last byte, and the file is marked for its resumes."""
-    slow_chunks(monkeypatch)
-    start = 30 * SMALL_CHUNK + 60 * 1024
-    plan = upstream_proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.25, slow_piece=4096,
-                              flip_range_start=start)  # fmt: skip
-    mirror = mirror_node(tmp_path, upstream_proxy.url, monkeypatch)
-    try:
-        with requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", stream=True, timeout=60,
-                          headers={"Range": f"bytes={start}-{start + 999}"}) as answer:  # fmt: skip
-            assert answer.status_code == 206
-            first = answer.raw.read(999 - mirror_following.TRICKLE_RESERVE)
-            assert first[100] != FILES[BIG][start + 100]  # (the flipped byte went out, read aside)
-            plan.slow_delay = 0.0
-            with pytest.raises(requests.exceptions.ChunkedEncodingError):  # (cut short of its last byte)
-                b"".join(answer.iter_content(1024))
-        assert mirror.runner.app[MIRROR].broke(REPO, BIG)
-        whole = requests.get(f"{mirror.url}/{REPO}/resolve/main/{BIG}", timeout=60)
-        assert whole.status_code == 200 and whole.content == FILES[BIG]
     finally:
         mirror.stop()
 

@@ -22,7 +22,6 @@ from conftest import SMALL_CHUNK, LiveNode, SilentAddress, wait_until, write_mod
 from faultproxy import FaultPlan, FaultProxy
 from mirrornodes import BIG, FILES, REPO, mirror_node, proxied_upstream, read_then_leave, read_until_it_breaks
 from modeldepot import Depot
-from modeldepot.mirror import following as mirror_following
 from modeldepot.mirror import pulls as mirroring
 from modeldepot.mirror.marks import BrokenMarks
 from modeldepot.server.mirror_routes import MIRROR
@@ -463,9 +462,6 @@ def test_a_range_is_not_vouched_for_by_another_repos_scan(
         honest, other = LiveNode(held), LiveNode(forked)
         liar = LyingNode(other.url)
         liar.late = 8.0
-        # (not a byte trickled while the range's last chunk waits for the whole file's check: they would be the
-        # lie's, and the answer would break rather than wait)
-        monkeypatch.setattr(mirror_following, "TRICKLE_EVERY", 1000.0)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_ENDPOINT", honest.url)
         mirror = LiveNode(Depot(tmp_path / "mirror", chunk_size=SMALL_CHUNK, servers=[honest.url, liar.url]),

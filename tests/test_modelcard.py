@@ -87,3 +87,9 @@ def test_aliases_that_repeat_a_value_without_end_are_cut_short() -> None:
     bomb = "---\nlicense: mit\n" + "\n".join(levels) + "\ndatasets: *g\n---\n# Model\n"
     card = card_metadata(bomb)
     assert card["license"] == "mit" and len(json.dumps(card)) < 2 << 20
+
+
+def test_the_architecture_document_names_the_schema_version_of_the_code() -> None:
+    """An operator planning an upgrade read version 15 there, the code at 18 (an explorer's trial)."""
+    document = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text()
+    assert f"### The index (schema version {SCHEMA_VERSION}," in document

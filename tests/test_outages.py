@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import closed_port, free_port, serving_repo
+from conftest import LiveNode, closed_port, free_port, serving_repo
 from faultproxy import FaultProxy, a_slow_node_before_the_hub, pull_in_a_thread, wait_until
 from modeldepot import Depot
 from modeldepot.errors import UpstreamError
@@ -340,3 +340,42 @@ def test_an_attempt_that_ended_is_no_sign_of_life_while_its_range_waits() -> Non
     assert clock.silent_for() == 0 and not clock.outage()
     clock.attempt_ended(token, heard=False)  # (headers, then a stalled body: no answer)
     assert clock.silent_for() >= 4.5 and clock.outage()
+
+
+def test_a_pull_started_on_a_node_rides_out_an_outage_as_the_clis_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull started through the node's control API (the dashboard's Pull: the POST answered at once) ran
+    one try: its only source gone for a few seconds (a node restarted, a network blip), it failed 6 s later
+    whatever MODELDEPOT_OUTAGE_PATIENCE said, where `modeldepot pull` waited it out (an explorer's trial)."""
+    from controlnodes import API, call
+
+    chunk = 1 << 20
+    with serving_repo(tmp_path / "upstream", FILES, REPO, chunk_size=chunk) as node:
+        proxy = FaultProxy(node.url)
+        try:
+            plan = proxy.set("slow", times=-1, path_suffix=BIG, slow_delay=0.05)  # 1.3 MB/s a connection
+            monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+            monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # (no Hub behind it)
+            monkeypatch.setenv("MODELDEPOT_OUTAGE_PATIENCE", "60")
+            monkeypatch.setenv("MODELDEPOT_READ_TIMEOUT", "2")
+            with Depot(tmp_path / "local", chunk_size=chunk, servers=[proxy.url]) as depot:
+                served = LiveNode(depot, token="t0ken")
+                try:
+                    auth = {"Authorization": "Bearer t0ken"}
+                    started = call(served.port, "POST", f"{API}/pulls", {"repo": REPO}, auth)
+                    assert started.status == 202, started.body
+                    job = started.json()["id"]
+                    wait_until(lambda: plan.body_bytes > chunk)
+                    plan.down_until = time.monotonic() + 10  # (longer than a range's five attempts)
+                    deadline = time.monotonic() + 90
+                    while (state := call(served.port, "GET", f"{API}/pulls/{job}", headers=auth).json())[
+                        "state"
+                    ] == "running" and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                    assert state["state"] == "done", state
+                    assert bytes(depot.get_file(REPO, BIG)) == FILES[BIG]
+                finally:
+                    served.stop()
+        finally:
+            proxy.stop()

@@ -27,7 +27,7 @@ from conftest import (
     write_partial,
 )
 from modeldepot import Depot, IntegrityError, NotFoundError
-from modeldepot.cli import cli
+from modeldepot.cli import cli, render
 from modeldepot.errors import ConfigError, InvalidInputError, OfflineError, PullRunningError
 from modeldepot.store.partials import ENDED_MARK, PUBLIC_MARK, partial_key
 from modeldepot.transfer.progress import PullUpdate
@@ -826,3 +826,20 @@ def test_a_server_dropped_while_this_nodes_link_was_down_is_asked_again_once_byt
         finally:
             proxy.stop()
     assert result.bytes_by_source.get("node", 0) > len(big) // 2, result.bytes_by_source
+
+
+def test_a_pull_of_a_whole_repo_of_several_variants_says_so_first(local: Depot) -> None:
+    """`pull REPO` of a GGUF repo started every quant, hundreds of GB of a big model's, without a word, where
+    llama.cpp and `load` pick one (an explorer's trial): it says what it takes, and how to take one."""
+    home = str(local.home)
+    whole = CliRunner().invoke(cli, ["pull", REPO, "--home", home])
+    assert whole.exit_code == 0, whole.output
+    variants = local.get_manifest(REPO).variants
+    assert len(variants) > 1
+    total = render.format_bytes(sum(len(b) for b in FILES.values()))
+    assert f"note: {REPO} has {len(variants)} variants (" in whole.stderr, whole.stderr
+    assert f"pulling them all, {total}; `-q q4f16` pulls one" in whole.stderr, whole.stderr
+    one = CliRunner().invoke(cli, ["pull", REPO, "-q", "fp16", "--home", home])
+    assert one.exit_code == 0 and "note:" not in one.stderr, one.output
+    with pytest.raises(InvalidInputError, match="the manifest given is"):
+        local.pull("acme/other", manifest=local.get_manifest(REPO))

@@ -145,6 +145,18 @@ def test_the_hub_client_never_keeps_a_corrupt_file(node: LiveNode, depot: Depot,
     assert kept == []
 
 
+def test_the_scrub_names_a_pull_for_a_repo_pulled_here(
+    node: LiveNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with Depot(tmp_path / "pulled", chunk_size=SMALL_CHUNK, servers=[node.url]) as pulled:
+        pulled.pull(REPO)
+        flip_byte(pulled.store.blobs.path(SHA), 17)
+        with caplog.at_level(logging.ERROR, logger="modeldepot.store.scrub"):
+            assert Scrubber(pulled.store).scrub().corrupt == (SHA,)
+    assert f"(`modeldepot pull {REPO}` restores it)" in caplog.text, caplog.text
+
+
 def test_the_scrub_quarantines_rot_before_a_local_reader_meets_it(
     depot: Depot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -163,8 +175,9 @@ def test_the_scrub_quarantines_rot_before_a_local_reader_meets_it(
     with caplog.at_level(logging.ERROR, logger="modeldepot.store.scrub"):
         report = scrubber.scrub()
     assert report.corrupt == (SHA,)
-    # Said with the files it breaks and what restores them (the blob's id alone named no model: a trial)
-    assert f"Used by {REPO}@" in caplog.text and f"`modeldepot pull {REPO}` restores it" in caplog.text
+    # Said with the files it breaks and what restores them (the blob's id alone named no model: a trial): an
+    # import, for a repo imported here (a pull was prescribed, which no upstream could answer: an explorer's)
+    assert f"Used by {REPO}@" in caplog.text and f"(importing {REPO} again restores it)" in caplog.text
     with pytest.raises(CorruptBlobError):  # ...the scrub found it, and now nothing serves it
         depot.get_file(REPO, "model.safetensors")
     assert not depot.verify().ok

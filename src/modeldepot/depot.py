@@ -703,6 +703,7 @@ class Depot(Upkeep):
         progress: PullProgress | None = None,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        manifest: Manifest | None = None,
     ) -> PullResult:
         """Download variants of ``repo_id`` into the store through the source chain, verified and resumable.
 
@@ -712,12 +713,16 @@ class Depot(Upkeep):
         --include/--exclude``), narrowing what the variants take. Content the store already holds is
         not downloaded again; an interrupted pull continues where it stopped. Through an outage (no source
         answers at all) it tries again, resuming, for ``MODELDEPOT_OUTAGE_PATIENCE`` seconds (120).
+        ``manifest``: a scan of ``repo_id`` at ``revision`` made already (:meth:`manifest_for`'s), not made again.
         """
         from modeldepot.transfer.pull import run_through_outages
 
         quants = validate_quants(quants)  # (before the scan)
         include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
-        manifest = self.manifest_for(repo_id, revision)
+        if manifest is None:
+            manifest = self.manifest_for(repo_id, revision)
+        elif manifest.repo_id.lower() != validate_repo_id(repo_id).lower():
+            raise InvalidInputError(f"the manifest given is {manifest.repo_id}'s, not {repo_id}'s")
         paths = None
         if include or exclude:
             from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defined]
@@ -761,13 +766,32 @@ class Depot(Upkeep):
         paths: list[str] | None = None,
         watch: PartialWatch | None = None,
         manifest: Manifest | None = None,
+        ride_outages: bool = False,
     ) -> PullResult:
         """:meth:`pull` for asyncio programs (scanning runs on a worker thread; :meth:`pull` runs this). ``paths`` pulls just
         those files; ``watch`` is told of each file's partial as its download starts; ``manifest`` skips
-        the scan."""
-        return await self._pulls.run(
-            self._pull_async(repo_id, quants, revision, progress, paths, watch, manifest)
-        )
+        the scan. ``ride_outages``: through an outage it tries again, resuming, for
+        ``MODELDEPOT_OUTAGE_PATIENCE`` seconds, as :meth:`pull` does (else one try: a caller waiting on it
+        for an answer)."""
+        if not ride_outages:
+            return await self._pulls.run(
+                self._pull_async(repo_id, quants, revision, progress, paths, watch, manifest)
+            )
+        import asyncio
+
+        from modeldepot.transfer.outage import ride_outages as riding
+
+        if manifest is None:
+            validate_repo_id(repo_id)
+            validate_revision(revision)
+            manifest = await asyncio.to_thread(self.manifest_for, repo_id, revision)
+        scanned = manifest
+        return await riding(
+            lambda shown: self._pulls.run(
+                self._pull_async(repo_id, quants, revision, shown, paths, watch, scanned)
+            ),
+            progress, self.config.outage_patience, repo_id, self._upstream.through_hub(scanned),
+        )  # fmt: skip
 
     async def _pull_async(self, repo_id: str, quants: list[str] | str | None, revision: str,
                           progress: PullProgress | None, paths: list[str] | None, watch: PartialWatch | None,

@@ -369,6 +369,20 @@ class PullView:
             progress.remove_task(self._files.pop(update.path))
 
 
+def every_variant_note(manifest: Manifest) -> str:
+    """What a pull of a whole repo of several variants takes, and how to take one."""
+    sizes = {f.path: f.size for f in manifest.files}
+    shown = [f"{v.name} {format_bytes(sum(sizes.get(p, 0) for p in v.files))}" for v in manifest.variants[:6]]
+    more = f", {len(manifest.variants) - 6} more" if len(manifest.variants) > 6 else ""
+    names = [v.name for v in manifest.variants]
+    one = next(
+        (name for name in ("Q4_K_M", "Q8_0", "q4f16", "fp16") if name in names), names[0]
+    )  # (as load picks)
+    return (f"note: {escape(manifest.repo_id)} has {len(names)} variants ({escape(', '.join(shown))}{more}): "
+            f"pulling them all, {format_bytes(sum(sizes.values()))}; `-q {escape(one)}` pulls one (`modeldepot "
+            "scan` lists them)")  # fmt: skip
+
+
 def render_interrupted(manifests: list[Manifest]) -> None:
     """The pulls stopped before they finished, whose downloads are kept for a resume: said below a listing
     that does not show them."""

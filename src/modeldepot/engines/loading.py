@@ -572,7 +572,12 @@ def left_behind(
     since: `path -q` and an offline load of it failed while its bytes were on disk (explorers' trials).
     Never another branch's, a pull request's, nor a commit pulled by its id (reviews)."""
     listed = kept_listing(holder, holder.spelled(repo_id), commit_id)
-    if listed is None or group_files(f.path for f in listed).find_for(quant, engine_kinds(suffixes)) is None:
+    wanted = (
+        None
+        if listed is None
+        else group_files(f.path for f in listed).find_for(quant, engine_kinds(suffixes))
+    )
+    if wanted is None:
         return None
     candidates: dict[str, tuple[float, int, Store, str]] = {}  # commit -> (when left, -rank, store, spelled)
     for rank, store in enumerate(stores):
@@ -600,6 +605,10 @@ def left_behind(
             variant = group_files(f.path for f in its_listing).find_for(quant, engine_kinds(suffixes))
             if variant is None or set(variant.files) - set(held):
                 continue
+        elif any(_is_external_data_of(path, found) and path not in held for path in wanted.files):
+            # Without its listing, an ONNX model whose external data the branch's commit has beside it, held
+            # without it: its load was onnxruntime's raw error (a review). Split shards are checked by name.
+            continue
         return store, other, found
     return None
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from modeldepot.errors import ChunkNotAvailableError, DepotError, IntegrityError, UpstreamTimeoutError
+from modeldepot.errors import ChunkNotAvailableError, IntegrityError, UpstreamTimeoutError
 from modeldepot.hashing import chunk_span
 from modeldepot.hub.manifest import RemoteFile
 from modeldepot.mirror.marks import Sent
-from modeldepot.store.partials import PartialFiles, ResumablePartial
+from modeldepot.store.partials import BytesAside, PartialFiles, ResumablePartial
 from modeldepot.transfer.pull import PullResult
 
 READ_BLOCK = 1024 * 1024
@@ -96,6 +96,15 @@ class Reading:
     ahead: list[SentAhead] = field(default_factory=list)
     # What it sent but from the store: each chunk as it landed, or as another process's download logged it
     went_out: Sent = field(default_factory=Sent)
+    # The marks (as wanted: fetched first) of chunks sent ahead that its answer went on from: held until they
+    # are compared with what landed (:meth:`let_go`)
+    wanted_marks: list[contextlib.AbstractContextManager[None]] = field(default_factory=list)
+
+    def let_go(self) -> None:
+        """Drop the marks of :attr:`wanted_marks` (what was sent ahead of them is checked, or never will be)."""
+        marks, self.wanted_marks = self.wanted_marks, []
+        for mark in marks:
+            mark.__exit__(None, None, None)
 
     def evidence(self) -> Sent:
         """All it sent but from the store, and what it sent ahead of a chunk's landing (mirror.marks)."""
@@ -204,12 +213,14 @@ async def follow(
             if since is not None and lo == start:
                 waiting_since = min(since, waiting_since)
             sent: SentAhead | None = None  # what went out of the chunk before it landed
-            went_aside = False  # its bytes were read aside (see below): once a chunk, whatever came of it
-            # Bytes read aside from ``position`` on, held back to be trickled (the answer's last chunk)
+            aside: BytesAside | None = None  # its bytes read aside (see below), and whether one was made
+            went_aside = False
+            # Bytes read aside, from ``position`` on, held back to be trickled (the answer's last chunk)
             held = bytearray()
             # The answer's last bytes before its last go ahead of their chunk's landing a byte at a time, when
             # nothing else went for a while (see TRICKLE_EVERY)
             trickled_from = max(lo, end - TRICKLE_RESERVE) if index == last else end
+            recorded = False  # its landed digest is in reading.went_out (bytes of it went once it landed)
             received_before, measured_since = received_bytes(partial, index), time.monotonic()  # (its pace)
             # The final chunk of a response waits for the whole-file check, the others for their own landing:
             # so no response, a range included, ever completes with bytes the upstream's digests have not
@@ -234,24 +245,36 @@ async def follow(
                         pull.result()
                         if index not in partial.done:
                             raise RuntimeError("the pull ended without this chunk")  # pragma: no cover
+                    if aside is not None and (index in partial.done or aside.failure() is not None):
+                        if aside.failure() is not None:  # (the chunk still goes, as it lands)
+                            log.debug("%s: a read aside from byte %d failed: %s", reading.path, aside.first,
+                                      aside.failure())  # fmt: skip
+                        aside.close()  # (landed: what it held back goes from the chunk)
+                        aside = None
                     now = time.monotonic()
                     if index == last and position < end and now - last_went >= TRICKLE_EVERY:
                         # A client's read timeout (10 s) must not expire while the answer's last byte waits
                         # for its chunk to land (a safetensors header read, bytes 0-999, through a mirror of
                         # a 2 MiB/s upstream waited 28 s for the rest of its 16 MiB chunk: a trial): a byte
-                        # held back goes, as bytes sent ahead do, compared with the chunk once it lands.
-                        byte = aside = bytes(held[:1])  # (read aside: unproven, landed or not)
-                        if aside:
+                        # held back goes, as bytes sent ahead do, compared with the chunk once it lands. Not
+                        # one of a chunk landed unvouched, whose file's check is under way (soon done): the
+                        # check may refute it, where waiting loses nothing (a review's trial).
+                        byte = b""
+                        if held and index not in partial.done:
+                            byte = bytes(held[:1])
                             del held[:1]
-                        elif index in partial.done or offset + received_bytes(partial, index) > position:
+                        elif index not in partial.done and offset + received_bytes(partial, index) > position:
+                            byte = await asyncio.to_thread(os.pread, fd, 1, position)
+                        elif index in partial.done and index in vouched:
+                            held.clear()  # (the chunk as it landed goes from here)
                             byte = await asyncio.to_thread(os.pread, fd, 1, position)
                         if byte:
-                            if aside or index not in partial.done or sent is not None:
+                            if index not in partial.done or sent is not None:
                                 sent = sent or going_ahead(job, reading, index, lo)
                                 sent.add(memoryview(byte))
-                            elif not early:  # (landed, its file not checked whole yet: unproven)
-                                settled_unproven = reading.unproven = True
-                                hand_out(job, reading)
+                            elif not recorded:  # (recorded before it goes: a mark of the file lists it)
+                                record_landed(index)
+                                recorded = True
                             position += 1
                             reading.sent, last_went = True, now
                             yield memoryview(byte)
@@ -265,7 +288,7 @@ async def follow(
                         # the check.
                         received = received_bytes(partial, index)
                         upto = min(hi, trickled_from - 1, offset + received - 1)
-                        if upto >= position:
+                        if upto >= position and aside is None:
                             sent = sent or going_ahead(job, reading, index, lo)
                             async for block in pread_blocks(fd, position, upto):
                                 sent.add(block)
@@ -281,49 +304,53 @@ async def follow(
                         # compared with the chunk once it lands, as any bytes sent ahead are; the reader goes
                         # on to the next chunk without waiting for that landing (the rest of the chunk came at
                         # the link's pace: 8 s more of a 2 MiB/s link), and compares them before its last byte.
+                        # Only deep inside: a chunk entered at its start comes first (it is wanted), and a
+                        # whole read of a small file read it twice (a review's trial).
                         read_aside, aside_end = partial.read_aside, min(hi, end - 1)
                         measured = time.monotonic() - measured_since
                         pace = (received - received_before) / measured if measured >= AHEAD_LOOK else None
                         if (
-                            read_aside is not None
+                            aside is None
                             and not went_aside
-                            and aside_end >= position
+                            and read_aside is not None
+                            and aside_end >= position > offset + received
                             and pace is not None
                             and position - (offset + received) >= pace * AHEAD_PATIENCE
                         ):
-                            blocks = read_aside(position, aside_end)
-                            try:
-                                while partial.resets == resets and index not in partial.done:
-                                    try:
-                                        block = await anext(blocks)
-                                    except StopAsyncIteration:
-                                        break  # (with nothing: none may be made now, tried again later)
-                                    except (DepotError, OSError) as error:
-                                        # (the chunk still goes, as it lands)
-                                        log.debug("%s: a read aside of bytes %d-%d failed: %s", reading.path,
-                                                  position, aside_end, error)  # fmt: skip
-                                        went_aside = True
-                                        break
-                                    went_aside = True
-                                    going = max(0, min(len(block), trickled_from - position - len(held)))
-                                    held += block[going:]
-                                    if going:
-                                        sent = sent or going_ahead(job, reading, index, lo)
-                                        sent.add(block[:going])
-                                        position += going
-                                        reading.sent, last_went = True, time.monotonic()
-                                        yield block[:going]
-                            finally:
-                                await blocks.aclose()
-                            if sent is not None and position > hi and index not in partial.done:
+                            aside = read_aside(position, aside_end)
+                            went_aside = aside is not None  # (none may be made now: asked again later)
+                        if aside is not None:
+                            came = aside.first + aside.received()
+                            taken = position + len(held)
+                            if came > taken:
+                                data = aside.take(taken, came)
+                                going = max(0, min(len(data), trickled_from - taken))
+                                held += data[going:]
+                                if going:
+                                    sent = sent or going_ahead(job, reading, index, lo)
+                                    block = memoryview(data)[:going]
+                                    sent.add(block)
+                                    position += going
+                                    reading.sent, last_went = True, time.monotonic()
+                                    yield block
+                                    continue
+                            if position > hi:  # (all of the chunk this answer takes went, read aside)
+                                aside.close()
+                                aside = None
+                                assert sent is not None
                                 deferred[index], mark = (sent, mark), contextlib.nullcontext()
                                 break  # (compared once it lands)
-                            if went_aside:
-                                continue
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(job.wait(), max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK)
+                        await asyncio.wait_for(
+                            job.wait(),
+                            AHEAD_LOOK
+                            if aside is not None
+                            else max(AHEAD_PATIENCE - waited, 0.0) + AHEAD_LOOK,
+                        )
             finally:
                 mark.__exit__(None, None, None)
+                if aside is not None:
+                    aside.close()
             if index in deferred:
                 continue
             if sent is not None:
@@ -335,19 +362,21 @@ async def follow(
             elif index not in vouched:
                 settled_unproven = reading.unproven = True
                 hand_out(job, reading)
-            if sent is None:
+            if sent is None and not recorded:
                 record_landed(index)
             landed_as = partial.resets  # (what was held back of bytes read aside goes from the chunk landed)
             try:
                 async for block in pread_blocks(fd, position, hi):
-                    reading.sent = True
+                    reading.sent, last_went = True, time.monotonic()
                     yield block
             finally:  # (a client that left mid-chunk too)
                 if partial.resets != landed_as:  # the chunk was dropped while it went: what went is not known
                     reading.went_out.forget()
     finally:
-        for _, mark in deferred.values():
-            mark.__exit__(None, None, None)
+        # A client that left with chunks sent ahead of their landing has them checked once they land
+        # (Mirror._check_later): they stay wanted until then, or they waited their turn in the pull, and every
+        # resume of the file was a 429 meanwhile (a review's trial)
+        reading.wanted_marks.extend(mark for _, mark in deferred.values())
 
 
 async def follow_elsewhere(

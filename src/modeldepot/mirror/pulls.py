@@ -5,6 +5,7 @@ answers broke, and their lifting once the store holds the file."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -76,6 +77,10 @@ class Mirror:
         self.depot = depot
         self.scans = UpstreamScans(depot, deadline)
         self._jobs: dict[tuple[str, str, str], PullJob] = {}
+        # Answers of files, from the store or through the upstream, and the pulls of files made for them, by
+        # how they ended (/metrics)
+        self.answers: collections.Counter[str] = collections.Counter()
+        self.pulls_ended: collections.Counter[str] = collections.Counter()
         # (repo id, commit, path) -> (when (monotonic), the failure) of a pull that failed upstream lately
         self._failed: dict[
             tuple[str, str, str], tuple[float, UpstreamError | IntegrityError | StoreFullError]
@@ -250,9 +255,11 @@ class Mirror:
                     # The file failed its check once, and was fetched again: a client that left before with
                     # bytes of the first fetch resumes onto them (a review's trial)
                     self._note_handed_out(job)
+                self.pulls_ended["done"] += 1
                 await self.scans.point_branches(manifest)
                 return result
             except Exception as error:
+                self.pulls_ended["failed"] += 1
                 # (a client that left before may resume: the bytes it was given were refuted, or unproven)
                 self._note_handed_out(job)
                 self._remember_failure(key, job, error)
@@ -426,6 +433,7 @@ class Mirror:
                 self._forget_reading(key, reading)
 
     def _forget_reading(self, key: tuple[str, str], reading: Reading) -> None:
+        reading.let_go()
         readings = self._readings.get(key)
         if readings is not None:
             readings.discard(reading)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from modeldepot.depot import Depot
 from modeldepot.errors import InvalidInputError, RepoNotFoundError
+from modeldepot.store.scrub import ScrubTally
 from modeldepot.validation import validate_repo_id
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ CONTROL_TOKEN = web.AppKey("control_token", str)
 # Where clients reach the node (``serve --public-url``: behind a reverse proxy, its https URL), "" when they
 # reach it as the request says (its Host header, the connection's scheme)
 PUBLIC_URL = web.AppKey("public_url", str)
+SCRUB = web.AppKey("scrub", ScrubTally)  # the background scrub's tally (serve --scrub-interval), for /metrics
 # When the request's handling began (time.monotonic()): a wait that must end under a client's timeout counts
 # from there, not from where it is (a mirror's first bytes, after its scan)
 ARRIVED: Any = web.RequestKey("arrived", float) if hasattr(web, "RequestKey") else "arrived"

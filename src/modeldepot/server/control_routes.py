@@ -40,11 +40,13 @@ from aiohttp import web
 
 from modeldepot.depot import Depot
 from modeldepot.errors import (
+    BudgetExceededError,
     DepotError,
     InvalidInputError,
     NotFoundError,
     ReadOnlyStoreError,
     RevisionNotFoundError,
+    StoreFullError,
     VariantNotFoundError,
 )
 from modeldepot.hub.manifest import Manifest
@@ -279,6 +281,8 @@ class PullJob:
     # stood still showed 0% with no word of why (its peers frozen, an explorer's trial)
     moved_at: float = field(default=0.0, repr=False)
     waiting_on: str | None = None
+    failure: DepotError | None = field(default=None, repr=False)  # what it failed with
+    told: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # its pull told its progress once
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -312,6 +316,10 @@ def _key(repo_id: str, revision: str, quants: Quants) -> PullKey:
     if isinstance(quants, list):
         return repo_id.lower(), revision, tuple(sorted({q.lower() for q in quants}))
     return repo_id.lower(), revision, quants
+
+
+# Seconds a request to start a pull waits for it to make its room (or fail for want of it) before its 202
+ROOM_PATIENCE = 1.0
 
 
 class PullJobs:
@@ -384,7 +392,33 @@ class PullJobs:
         finally:
             del self._starting[key]
         future.set_result(job)
+        await self._refuse_if_short_of_room(job)
         return job, True
+
+    async def _refuse_if_short_of_room(self, job: PullJob) -> None:
+        """A pull that fails for want of room before it fetched a byte (the disk's: known only as the pull
+        makes its room, evicting or not) is this request's answer, a 507 counted ``refused``, as a full disk
+        budget's is: it was a 202 for a job that failed 11 ms later, counted ``failed``, and an alert could
+        not tell a full disk from an upstream that broke mid-transfer (an explorer's trial). Waited for until
+        the pull tells its progress, ends, or ROOM_PATIENCE passes."""
+        assert job.task is not None
+        told = asyncio.ensure_future(job.told.wait())
+        try:
+            await asyncio.wait({job.task, told}, timeout=ROOM_PATIENCE, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            told.cancel()
+        failure = job.failure
+        if (
+            job.task.done()
+            and isinstance(failure, (StoreFullError, BudgetExceededError))
+            and not job.bytes_done
+        ):
+            self._jobs.pop(job.id, None)
+            self.ended["failed"] -= 1
+            self.ended["refused"] = self.ended.get("refused", 0) + 1
+            if isinstance(failure, StoreFullError):  # (said as the job would say it to the same caller)
+                raise Refused(507, "StoreFull", f"the node's disk is full: {failure}")
+            raise failure
 
     def _launch(
         self, depot: Depot, key: PullKey, manifest: Manifest, revision: str, quants: Quants
@@ -406,6 +440,7 @@ class PullJobs:
 
     async def _run(self, depot: Depot, key: PullKey, job: PullJob, manifest: Manifest) -> None:
         def progress(update: PullUpdate) -> None:
+            job.told.set()
             if update.shown != job.bytes_done:
                 job.moved_at = time.time()
             job.bytes_done, job.bytes_total = update.shown, update.total
@@ -413,7 +448,12 @@ class PullJobs:
 
         try:
             result: PullResult = await depot.pull_async(
-                job.repo, job.quants, revision=job.revision, progress=progress, manifest=manifest
+                job.repo,
+                job.quants,
+                revision=job.revision,
+                progress=progress,
+                manifest=manifest,
+                ride_outages=True,
             )
         except asyncio.CancelledError:
             if job.cancelling and await asyncio.to_thread(
@@ -428,22 +468,24 @@ class PullJobs:
             if job.cancelling:
                 # (what the resume takes, as `status` says it: "what it received is kept" of a file of one
                 # chunk, whose part is fetched again, an explorer's trial)
-                kept = await asyncio.to_thread(_kept_for_a_resume, depot, job.repo)
-                said = (
-                    "nothing of it" if kept == 0 else "what it received" if kept is None else size_text(kept)
-                )
+                said = _kept_text(await asyncio.to_thread(_kept_for_a_resume, depot, job.repo))
                 job.error = f"cancelled: {said} kept for a resume (pull again to go on)"
                 job.state = "cancelled"
                 log.info("pull %s of %s cancelled: %d of %d bytes received, %s kept for a resume", job.id,
                          job.repo, job.bytes_done, job.bytes_total, said)  # fmt: skip
                 return  # (its task ends: the request that cancelled it answers)
-            job.error = "the node stopped before the pull finished: pull again to resume"
+            # (read here, not awaited: the node is stopping; "kept for a resume" was said of a file of one chunk,
+            # whose bytes the resume fetched again, an explorer's trial)
+            said = _kept_text(_kept_for_a_resume(depot, job.repo))
+            job.error = (
+                f"the node stopped before the pull finished: {said} kept for a resume (pull again to go on)"
+            )
             job.state = "failed"
-            log.info("pull %s of %s stopped with the node: %d of %d bytes received, kept for a resume", job.id,
-                     job.repo, job.bytes_done, job.bytes_total)  # fmt: skip
+            log.info("pull %s of %s stopped with the node: %d of %d bytes received, %s kept for a resume", job.id,
+                     job.repo, job.bytes_done, job.bytes_total, said)  # fmt: skip
             raise
         except DepotError as error:
-            job.error, job.state = f"{type(error).__name__}: {error}"[:1000], "failed"
+            job.error, job.state, job.failure = f"{type(error).__name__}: {error}"[:1000], "failed", error
             log.warning("pull %s of %s failed: %s", job.id, job.repo, job.error)
         except Exception:
             log.exception("the pull %s of %s failed unexpectedly", job.id, job.repo)
@@ -498,9 +540,14 @@ def _kept_for_a_resume(depot: Depot, repo_id: str) -> int | None:
     of chunks kept); None when they do not say."""
     try:
         stopped = depot.get_manifest(repo_id).interrupted()
-    except DepotError:
+    except (DepotError, OSError):  # (a store closing as the node stops, say)
         return None
     return sum(v.bytes_done for v in stopped) if stopped else None
+
+
+def _kept_text(kept: int | None) -> str:
+    """What :func:`_kept_for_a_resume` found, as a log line and a job's error say it."""
+    return "nothing of it" if kept == 0 else "what it received" if kept is None else size_text(kept)
 
 
 def _published(depot: Depot, manifest: Manifest, quants: Quants, revision: str) -> bool:

@@ -632,14 +632,16 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError,
                     BlobRemovedError) as error:  # fmt: skip
                 _say_fetched_again(error, repo_id, manifest.commit_id, path)
+                _count_mirrored(request, "upstream")
                 return await remote(request, repo_id, revision, path)  # (a quarantined file is pulled again)
             if not is_commit_id(revision):
                 # (a branch whose commit the store held already: served, and not listed by list_repo_refs, as
                 # the branches a pull found are, an explorer's trial)
                 await request.app[MIRROR].scans.point_branches(manifest, its_own=True)
+            _count_mirrored(request, "store")
             return answer
     try:
-        return await local(request, repo_id, revision, path)  # (a use, counted as the blob is opened)
+        answer = await local(request, repo_id, revision, path)  # (a use, counted as the blob is opened)
     except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError,
             BlobRemovedError) as error:  # fmt: skip
         if upstream_error is not None:
@@ -647,7 +649,17 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
         if not await _mirrorable(request, repo_id):
             raise
         _say_fetched_again(error, repo_id, revision, path)
+        _count_mirrored(request, "upstream")
         return await remote(request, repo_id, revision, path)
+    _count_mirrored(request, "store")
+    return answer
+
+
+def _count_mirrored(request: web.Request, source: str) -> None:
+    """A mirror's answer of a file from its store, or through its upstream (/metrics: a mirror that served
+    everything from its upstream looked as one that served from its disk, an explorer's trial)."""
+    if _mirrors(request):
+        request.app[MIRROR].answers[source] += 1
 
 
 def _say_fetched_again(error: DepotError, repo_id: str, revision: str, path: str) -> None:

@@ -37,7 +37,12 @@ and :class:`NodeCollector`, which builds every modeldepot figure when it is scra
 - **read from the node's pull jobs** (those asked of it: its control API, its dashboard):
   ``modeldepot_node_pulls_running`` and ``modeldepot_node_pulls_total{result}`` (done, failed, cancelled, refused);
 - **read from the fleet**: ``modeldepot_peers``, the live nodes in this node's view of its registry, itself
-  included (as ``/api/depot/v1/peers`` lists them; 0 on a node served without a cluster).
+  included (as ``/api/depot/v1/peers`` lists them; 0 on a node served without a cluster);
+- **read from a mirror** (``serve --upstream``): ``modeldepot_mirror_answers_total{source}`` (files answered
+  from the store, or through the upstream) and ``modeldepot_mirror_pulls_total{result}`` (done, failed);
+- **read from the background scrub** (``serve --scrub-interval``): ``modeldepot_scrub_last_pass_timestamp_seconds``,
+  ``modeldepot_scrub_passes_total``, ``..._failed_passes_total``, ``..._checked_bytes_total``,
+  ``..._corrupt_blobs_total``.
 
 Figures are node-wide (a node with a token shows them to requests with it only): private repos count in
 them, and no label ever names a repo.
@@ -66,9 +71,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from modeldepot._version import node_version
 from modeldepot.counters import PULLS, SOURCE_KINDS
-from modeldepot.server.context import ARRIVED, DEPOT, path_matches
+from modeldepot.server.context import ARRIVED, DEPOT, SCRUB, path_matches
 from modeldepot.server.control_routes import PULLS as PULL_JOBS
 from modeldepot.server.fleet import FLEET
+from modeldepot.server.mirror_routes import MIRROR
 from modeldepot.server.responses import BlobResponse, CountedResponse
 from modeldepot.store.maintenance import partial_bytes, quarantine_bytes
 from modeldepot.store.maintenance import totals as store_totals
@@ -230,6 +236,53 @@ class NodeCollector(Collector):
             for result in ("done", "failed", "cancelled", "refused"):
                 ended.add_metric([result], jobs.ended.get(result, 0))
             yield ended
+        scrub = self._app.get(SCRUB)
+        if scrub is not None:  # (serve --scrub-interval: a scrub that stopped running could not be seen)
+            yield GaugeMetricFamily(
+                "modeldepot_scrub_last_pass_timestamp_seconds",
+                "When the background "
+                "scrub's last pass ended (seconds since the epoch; 0: none yet). A pass "
+                "checks the blobs not checked for the scrub interval.",
+                value=scrub.last_pass_ended,
+            )
+            for name, doc, value in (
+                (
+                    "modeldepot_scrub_passes",
+                    "Passes of the background scrub that ended, since the node started.",
+                    scrub.passes,
+                ),
+                (
+                    "modeldepot_scrub_failed_passes",
+                    "Passes of the background scrub that failed (the node's log "
+                    "says why; the next tries again), since the node started.",
+                    scrub.failed_passes,
+                ),
+                (
+                    "modeldepot_scrub_checked_bytes",
+                    "Blob bytes the background scrub rehashed, since the node started.",
+                    scrub.bytes_checked,
+                ),
+                (
+                    "modeldepot_scrub_corrupt_blobs",
+                    "Blobs the background scrub found corrupt (quarantined), since the node started.",
+                    scrub.corrupt,
+                ),
+            ):
+                yield CounterMetricFamily(name, doc, value=value)
+        mirror = self._app.get(MIRROR)
+        if mirror is not None:  # (a mirror's hits and misses: `serve --upstream`)
+            answers = CounterMetricFamily("modeldepot_mirror_answers", "Answers of files by this mirror, since it "
+                                          "started: from its store, or through its upstream (pulled as they "
+                                          "went).", labels=["source"])  # fmt: skip
+            for source in ("store", "upstream"):
+                answers.add_metric([source], mirror.answers.get(source, 0))
+            yield answers
+            pulled = CounterMetricFamily("modeldepot_mirror_pulls", "Files this mirror pulled from its upstream "
+                                         "for its clients, since it started, by result: done or failed.",
+                                         labels=["result"])  # fmt: skip
+            for result in ("done", "failed"):
+                pulled.add_metric([result], mirror.pulls_ended.get(result, 0))
+            yield pulled
         build = GaugeMetricFamily("modeldepot_build", "This node's version and build (as `peers` and /info say "
                                   "it): always 1.", labels=["version"])  # fmt: skip
         build.add_metric([node_version()], 1)

@@ -30,9 +30,9 @@ from modeldepot.server.connections import (
     NodeServer,
     raise_open_file_limit,
 )
-from modeldepot.server.context import CONTROL_TOKEN
+from modeldepot.server.context import CONTROL_TOKEN, SCRUB
 from modeldepot.server.fleet import NodeFleet, advertised_url
-from modeldepot.store.scrub import DEFAULT_SCRUB_RATE
+from modeldepot.store.scrub import DEFAULT_SCRUB_RATE, Scrubber
 from modeldepot.validation import redact_credentials
 
 __all__ = ["SHUTDOWN_GRACE", "dashboard_line", "run_server"]
@@ -85,7 +85,9 @@ def run_server(
     runner = NodeRunner(app, limits=limits, shutdown_timeout=shutdown_grace)
 
     if scrub_interval > 0:
-        app.cleanup_ctx.append(_scrubbing(depot, scrub_interval, scrub_rate))
+        scrubber = depot.scrubber(scrub_rate)
+        app[SCRUB] = scrubber.tally
+        app.cleanup_ctx.append(_scrubbing(scrubber, scrub_interval))
     if repair and depot.store.read_only:
         log.warning("not repairing: the store is %s, so files found corrupt stay out of service until pulled "
                     "where it is writable", depot.store.read_only_reason)  # fmt: skip
@@ -103,11 +105,22 @@ def run_server(
         # explorer's trial)
         signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
+        def on_second_signal(number: signal.Signals) -> None:
+            # The default behaviour, said first: it ended the node with no line after "stopping" (an explorer's
+            # trial). What was published stays consistent; what was under way resumes.
+            server = runner.server
+            going = server.answers_under_way() if isinstance(server, NodeServer) else 0
+            log.warning("%s again: stopping at once%s", number.name,
+                        f", {going} answer{'s' if going != 1 else ''} under way cut" if going else "")  # fmt: skip
+            for each in signals:
+                loop.remove_signal_handler(each)
+            signal.raise_signal(number)
+
         def on_signal(number: signal.Signals) -> None:
             stop.set()
             stopped_by.append(number)
-            for each in signals:  # a second signal gets the default behaviour: no more waiting
-                loop.remove_signal_handler(each)
+            for each in signals:  # a second signal stops at once: no more waiting
+                loop.add_signal_handler(each, on_second_signal, each)
             server = runner.server
             going = server.answers_under_way() if isinstance(server, NodeServer) else 0
             log.info("stopping (%s): %s under way get%s up to %g s to end (a second signal stops at once)",
@@ -218,6 +231,10 @@ def run_server(
         flushed = 0
     if flushed:
         log.info("flushed %d blob(s) to disk before stopping", flushed)
+    try:  # (the uses the node counted, written now: on a full disk their warning came after "stopped")
+        depot.store.access.close()
+    except DepotError as error:
+        log.warning("could not record the models' uses before stopping: %s", error)
     # (the last line: a clean stop told from a hang a supervisor killed, an explorer's trial)
     log.info("stopped%s", f" ({stopped_by[0].name})" if stopped_by else "")
     return stopped_by[0] if stopped_by else None
@@ -292,19 +309,15 @@ def _keep_control_token(depot: Depot, port: int, control_token: str) -> Path | N
     return folder / name
 
 
-def _scrubbing(
-    depot: Depot, interval: float, rate: float
-) -> Callable[[web.Application], AsyncIterator[None]]:
+def _scrubbing(scrubber: Scrubber, interval: float) -> Callable[[web.Application], AsyncIterator[None]]:
     """The background scrub, on its own thread while the server runs; stopped between two chunks at shutdown."""
 
     async def scrub(_app: web.Application) -> AsyncIterator[None]:
         stop = threading.Event()
-        worker = threading.Thread(
-            target=depot.scrubber(rate).run_every, args=(interval, stop), name="scrub", daemon=True
-        )
+        worker = threading.Thread(target=scrubber.run_every, args=(interval, stop), name="scrub", daemon=True)
         worker.start()
         logging.getLogger("modeldepot.server").info(
-            "scrubbing blobs older than %.0f s at up to %d bytes/s in the background", interval, rate
+            "scrubbing blobs older than %.0f s at up to %d bytes/s in the background", interval, scrubber.rate
         )
         yield
         stop.set()

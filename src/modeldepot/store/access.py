@@ -126,7 +126,12 @@ class AccessLog:
                 if not self._flushing:
                     break
             time.sleep(0.01)
-        self.flush()
+        try:
+            self.flush()
+        except BaseException:
+            with self._lock:  # (closed: no later write takes them; a second close said the failure again)
+                self._pending, self._pending_revisions = {}, {}
+            raise
 
     def _flush_in_background(self) -> None:
         try:

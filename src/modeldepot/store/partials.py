@@ -65,10 +65,10 @@ import re
 import stat
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Set
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import blake3
 
@@ -190,6 +190,29 @@ class ChunkPart:
     blake3: str | None  # what its sender gave as the whole chunk's BLAKE3 (None: no digest, the Hub's)
 
 
+class BytesAside(Protocol):
+    """Bytes of a file from byte ``first`` on, coming in a request of their own (a download's read aside, see
+    :attr:`ResumablePartial.read_aside`): unchecked."""
+
+    first: int
+
+    def received(self) -> int:
+        """The bytes from ``first`` received so far (it may fall back, as a retry starts over)."""
+        ...
+
+    def take(self, start: int, end: int) -> bytes:
+        """A copy of bytes ``start`` to ``end`` (exclusive) of the file, received already."""
+        ...
+
+    def failure(self) -> BaseException | None:
+        """What it failed with (it stopped), or None."""
+        ...
+
+    def close(self) -> None:
+        """Stop it (its request cancelled), whatever came."""
+        ...
+
+
 class ResumablePartial:
     """A claimed partial: this process holds its lock until :meth:`release` or :meth:`finish`."""
 
@@ -219,7 +242,7 @@ class ResumablePartial:
         # as they come (set by that download): a mirror's reader of a range that starts deep inside a chunk
         # slow to land takes them rather than wait for the chunk's bytes before it (and compares them with the
         # chunk once it lands)
-        self.read_aside: Callable[[int, int], AsyncGenerator[memoryview, None]] | None = None
+        self.read_aside: Callable[[int, int], BytesAside | None] | None = None
         self.resumed_bytes = resumed_bytes  # bytes found already on disk, verified, when claimed
         self._lock_fd = lock_fd  # the log's; a one-chunk content's own data file (read-only)
         self._data_fd = data_fd

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modeldepot.errors import BlobRemovedError, CorruptBlobError
+from modeldepot.errors import BlobRemovedError, CorruptBlobError, DepotError
 from modeldepot.store.maintenance import files_using
 from modeldepot.store.models import BlobRecord
 from modeldepot.store.store import Store
@@ -41,6 +41,26 @@ class ScrubReport:
         return {**self.__dict__, "corrupt": list(self.corrupt)}
 
 
+@dataclass
+class ScrubTally:
+    """What a scrubber's passes did, since it was made (a node's /metrics: a scrub that stopped running, or
+    never ran, could not be told from one that found nothing, an explorer's trial)."""
+
+    passes: int = 0  # passes that ended (stopped with the node or not)
+    failed_passes: int = 0
+    last_pass_ended: float = 0.0  # seconds since the epoch; 0: none yet
+    blobs_checked: int = 0
+    bytes_checked: int = 0
+    corrupt: int = 0
+
+    def add(self, report: ScrubReport, ended: float) -> None:
+        self.passes += 1
+        self.last_pass_ended = ended
+        self.blobs_checked += report.blobs_checked
+        self.bytes_checked += report.bytes_checked
+        self.corrupt += len(report.corrupt)
+
+
 class Scrubber:
     """Rehashes the store's blobs chunk by chunk under a byte rate; quarantines the ones that fail."""
 
@@ -57,6 +77,7 @@ class Scrubber:
         self.rate = rate
         self._clock = clock
         self._wall = wall
+        self.tally = ScrubTally()
 
     def due(self, older_than: float) -> list[BlobRecord]:
         """Servable blobs last checked (or written: every blob is verified on its way in) more than
@@ -100,7 +121,11 @@ class Scrubber:
                 # to the index to learn which model broke, an explorer's trial)
                 users = files_using(self.store, blob.sha256)
                 repos = sorted({user.split("@", 1)[0] for user in users})
-                restore = "; ".join(f"`modeldepot pull {repo}`" for repo in repos[:3])
+                # (a pull was prescribed for a repo imported here, which no upstream has: an explorer's trial)
+                restore = "; ".join(
+                    f"importing {repo} again" if self._imported(repo) else f"`modeldepot pull {repo}`"
+                    for repo in repos[:3]
+                )
                 log.error("scrub: %s%s", error, f" Used by {', '.join(users[:5])}{' …' if len(users) > 5 else ''}"
                           f" ({restore} restores it)." if users else "")  # fmt: skip
                 corrupt.append(blob.sha256)
@@ -111,9 +136,18 @@ class Scrubber:
             self.store.record_verified(blob.sha256, self._wall())
         return self._report(checked, checked_bytes, corrupt, False, started)
 
+    def _imported(self, repo_id: str) -> bool:
+        try:
+            held = self.store.origin(repo_id)
+        except DepotError:
+            return False
+        return held is not None and held.origin == "import"
+
     def _report(self, checked: int, checked_bytes: int, corrupt: list[str], stopped: bool,
                 started: float) -> ScrubReport:  # fmt: skip
-        return ScrubReport(checked, checked_bytes, tuple(corrupt), stopped, self._clock() - started)
+        report = ScrubReport(checked, checked_bytes, tuple(corrupt), stopped, self._clock() - started)
+        self.tally.add(report, self._wall())
+        return report
 
     def run_every(self, interval: float, stop: threading.Event) -> None:
         """Scrub what is due, then again every ``interval`` seconds, until ``stop`` is set (a thread's
@@ -122,6 +156,7 @@ class Scrubber:
             try:
                 report = self.scrub(older_than=interval, stop=stop)
             except Exception:  # a scrub that fails (a full disk, a locked index) tries again next round
+                self.tally.failed_passes += 1
                 log.exception("scrub failed; trying again in %.0f s", interval)
             else:
                 if report.blobs_checked or report.corrupt:

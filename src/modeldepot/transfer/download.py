@@ -38,7 +38,7 @@ import mmap
 import os
 import time
 import traceback
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,7 @@ from modeldepot.transfer.choosing import (
     FileSource,
 )
 from modeldepot.transfer.notices import say_now_and_then
+from modeldepot.transfer.outage import OUTAGE, OutageClock
 from modeldepot.transfer.pace import PaceWatch, on_the_wire
 from modeldepot.transfer.sources import ChunkUnavailableError, HttpSource, RangeIgnoredError, Receiving
 from modeldepot.transfer.threads import to_thread_to_the_end
@@ -86,10 +87,9 @@ SWARM_IDLE = 0.5  # seconds an idle worker of a swarm waits at most before it lo
 PART_LOG_EVERY = 1.0  # seconds between two notes of how much of each chunk in flight is in the file
 PART_LOG_MIN_BYTES = 1 << 20  # ... each once it has received this much more (the log stays small)
 SWARM_JOIN_EVERY = 2.0  # seconds between two looks for the swarm of a file that began outside it
-# Reads aside of a file at once (a buffer of up to a chunk each): a mirror's many readers deep inside chunks of
-# one file do not each hold a chunk's worth of memory
-ASIDES_AT_ONCE = 2
-ASIDE_LOOK = 0.05  # seconds between two looks at the bytes a read aside (see _read_aside) has received
+# Bytes the buffers of a process's reads aside (see _read_aside) may hold together: a mirror's many readers
+# deep inside chunks do not each hold a chunk's worth of memory beside the transfers' own buffers
+ASIDE_BYTES_MAX = 64 << 20
 YIELD_PACE_AFTER = 1.0  # seconds a late claim's request is on the wire, at least, before its pace judges it
 # A file of one chunk below this size is received into a buffer and hashed from a read, not through
 # mappings: mapping and unmapping (a TLB shootdown on every core) cost more than copying a small file.
@@ -193,6 +193,7 @@ async def download_file(
 
 # This node's own link down: no route to anywhere (a peer's server gone is ECONNREFUSED: not this)
 _NO_ROUTE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
+UNANSWERED_LOOK = 1.0  # seconds between two looks for nodes dropped for no answer to ask again (an outage)
 PARKED_AT_LEAST = 5.0  # seconds a peer dropped so stays out before bytes from elsewhere bring it back
 
 
@@ -222,6 +223,11 @@ class _FileJob(PaceWatch):
         # model from the Hub, three peers holding it whole (an explorer's trial)
         self.parked: dict[FileSource, float] = {}  # -> when (monotonic) it may be asked again
         self.parked_for: dict[FileSource, float] = {}  # -> seconds it was last parked (doubled each time)
+        # Nodes dropped for no answer at all (refused, reset, silent: restarting, or the network), asked again
+        # while the pull, under an outage clock, hears nothing (-> when (monotonic) they may be; backing off):
+        # its Hub's ranges waited the whole patience for an unreachable Hub, and the node, back after 10 s,
+        # was never asked again (an explorer's trial, a node-only store behind a firewall)
+        self.unanswered: dict[FileSource, float] = {}
         self.landing: set[int] = set()  # chunks being written
         self.counted: set[int] = set()  # chunks landed, told to on_bytes (on the loop)
         self.crediting: dict[int, int] = {}  # a chunk being told to on_bytes: its bytes not told yet
@@ -255,7 +261,6 @@ class _FileJob(PaceWatch):
         # is of unknown origin: settled, the fleet would trust a liar's bytes, a review)
         self.from_hub: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.asides = 0  # reads aside in flight (_read_aside)
 
     @property
     def small(self) -> bool:
@@ -312,6 +317,9 @@ class _FileJob(PaceWatch):
         if self.limits.slow_peer_rate and (self.fallback is not None or self.swarm is not None):
             pace = self._watch(asyncio.create_task(self._watch_pace()))
         silence = self._watch(asyncio.create_task(self._drop_silent_peers()))
+        clock = OUTAGE.get()
+        if clock is not None:
+            self.tasks.add(self._watch(asyncio.create_task(self._ask_unanswered_in_outage(clock))))
         self.tasks.add(self._watch(asyncio.create_task(self._write_down_parts())))
         try:
             await self._start(sources)
@@ -468,14 +476,13 @@ class _FileJob(PaceWatch):
         assert victim.task is not None
         victim.task.cancel()
 
-    async def _read_aside(self, first: int, last: int) -> AsyncGenerator[memoryview, None]:
+    def _read_aside(self, first: int, last: int) -> _ReadAside | None:
         """Bytes ``first..last`` of the file (within one chunk) in a ranged request of their own to a source
-        that gives their chunk (the one asked for it now, first), as they come, unchecked: for a mirror's
-        reader of a range that starts deep inside a chunk slow to land (:attr:`ResumablePartial.read_aside`).
-        Nothing when no source may be asked. The bytes are copies: a retry that starts the range over writes
-        its buffer again."""
-        if self.asides >= ASIDES_AT_ONCE:
-            return
+        that gives their chunk (the one asked for it now, first), unchecked: for a mirror's reader of a range
+        that starts deep inside a chunk slow to land (:attr:`ResumablePartial.read_aside`). None when no
+        source may be asked, or the process's reads aside hold :data:`ASIDE_BYTES_MAX` already."""
+        if _ReadAside.held + (last - first + 1) > ASIDE_BYTES_MAX:
+            return None
         index, now = first // self.partial.chunk_size, time.monotonic()
         asked = [
             request.source
@@ -483,31 +490,7 @@ class _FileJob(PaceWatch):
             if not self._is_banned(request.source, now)
         ]
         fitting = asked or [source for source in self.live if self._may_take(source, index, now)]
-        if not fitting:
-            return
-        source, receiving, buffer = fitting[0], Receiving(), bytearray(last - first + 1)
-        fetch = asyncio.ensure_future(source.source.fetch(source.url, first, last, self.remote.size, buffer, receiving,
-                                                          source.kind))  # fmt: skip
-        sent = 0
-        self.asides += 1
-        try:
-            while sent < len(buffer):
-                received = len(buffer) if fetch.done() and fetch.exception() is None else receiving.count
-                if received > sent:
-                    with memoryview(buffer) as whole:
-                        piece = memoryview(bytes(whole[sent:received]))
-                    sent = received
-                    yield piece
-                    continue
-                if fetch.done():
-                    fetch.result()  # (what the source failed with)
-                await asyncio.wait({fetch}, timeout=ASIDE_LOOK)
-        finally:
-            self.asides -= 1
-            fetch.cancel()  # (fetch never ends while its reader thread may still write into the buffer)
-            await asyncio.wait({fetch})
-            if not fetch.cancelled():
-                fetch.exception()  # (retrieved: raised above, or of no use once the reader left)
+        return _ReadAside(fitting[0], first, last, self.remote.size) if fitting else None
 
     def _pulse(self) -> None:
         self._changed.set()
@@ -1171,12 +1154,23 @@ class _FileJob(PaceWatch):
         finally:
             self.whole_body = False
 
-    def _ask_again(self, sources: list[FileSource]) -> None:
-        """Sources dropped for this node's own link, asked again (their chunk maps read anew)."""
+    async def _ask_unanswered_in_outage(self, clock: OutageClock) -> None:
+        """Ask the nodes dropped for no answer again, once due, while the pull hears nothing from anyone."""
+        while self._work_left():
+            await asyncio.sleep(UNANSWERED_LOOK)
+            now = time.monotonic()
+            due = [source for source, until in self.unanswered.items() if now >= until]
+            if due and clock.outage():
+                for source in due:
+                    del self.unanswered[source]
+                self._ask_again(due, "nothing comes from anywhere")
+
+    def _ask_again(self, sources: list[FileSource], why: str = "the link works again") -> None:
+        """Sources dropped for this node's own link (or for no answer, in an outage: ``why``), asked again
+        (their chunk maps read anew)."""
         for source in sources:
             self.errors.pop(source.source.name, None)
-        log.info("%s: the link works again: asking %s again", self.remote.path,
-                 ", ".join(s.source.name for s in sources))  # fmt: skip
+        log.info("%s: %s: asking %s again", self.remote.path, why, ", ".join(s.source.name for s in sources))
 
         async def rejoin() -> None:
             live = {s.source.base_url for s in self.live}  # (the swarm's view may have brought one back)
@@ -1197,6 +1191,10 @@ class _FileJob(PaceWatch):
                 wait = min(2 * self.parked_for.get(source, PARKED_AT_LEAST / 2), 16 * PARKED_AT_LEAST)
                 self.parked_for[source] = wait
                 self.parked[source] = time.monotonic() + wait
+            elif source.kind != "hub" and getattr(error, "network", False):
+                wait = min(2 * self.parked_for.get(source, PARKED_AT_LEAST / 2), 16 * PARKED_AT_LEAST)
+                self.parked_for[source] = wait
+                self.unanswered[source] = time.monotonic() + wait
             log.info("%s: no longer asking %s for it (%s)", self.remote.path, source.source.name, error)
             if source.kind != "hub" and not isinstance(error, (AccessDeniedError, ChunkUnavailableError)):
                 # (a node of the fleet that hangs or fails cost every pull of what it holds seconds, and only
@@ -1243,6 +1241,46 @@ class _FileJob(PaceWatch):
 
 
 UNMAPPER = ForkSafeExecutor(max_workers=1, thread_name_prefix="modeldepot-unmap")
+
+
+class _ReadAside:
+    """A read aside (:meth:`_FileJob._read_aside`): the bytes into a buffer of their own, as they come. Its
+    buffer counts in :attr:`held` (all of the process's) until its request ends."""
+
+    held = 0  # bytes of the buffers of the reads aside of this process
+
+    def __init__(self, source: FileSource, first: int, last: int, size: int) -> None:
+        self.first = first
+        self._buffer = bytearray(last - first + 1)
+        self._receiving = Receiving()
+        _ReadAside.held += len(self._buffer)
+        # (a buffer of its own: bytes handed out are copies, as a retry that starts over writes it again)
+        self._fetch = asyncio.ensure_future(
+            source.source.fetch(source.url, first, last, size, self._buffer, self._receiving, source.kind)
+        )
+        self._fetch.add_done_callback(self._ended)
+
+    def _ended(self, fetch: asyncio.Future[memoryview]) -> None:
+        _ReadAside.held -= len(self._buffer)
+        if not fetch.cancelled():
+            fetch.exception()  # (retrieved: failure() says it)
+
+    def received(self) -> int:
+        fetch = self._fetch
+        if fetch.done() and not fetch.cancelled() and fetch.exception() is None:
+            return len(self._buffer)
+        return min(self._receiving.count, len(self._buffer))
+
+    def take(self, start: int, end: int) -> bytes:
+        with memoryview(self._buffer) as whole:
+            return bytes(whole[start - self.first : end - self.first])
+
+    def failure(self) -> BaseException | None:
+        fetch = self._fetch
+        return fetch.exception() if fetch.done() and not fetch.cancelled() else None
+
+    def close(self) -> None:
+        self._fetch.cancel()  # (its reader thread lets go of the buffer before the fetch ends: see fetch)
 
 
 def _close_mapping(mapping: mmap.mmap) -> None:

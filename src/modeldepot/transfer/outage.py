@@ -14,8 +14,8 @@ Hub behind it) is run again, resuming, under the same clock (:func:`run_through_
 So the patience counts from the last byte, not from the end of a try: through a silent outage each
 attempt waits out its read timeout, and five of them made minutes of silence before the patience even
 began (a trial over network namespaces). The clock reaches the ranges through a context variable: a pull's
-tasks inherit it, and a pull run without one (a mirror's, the control API's: their clients are waiting on
-an answer) keeps the ranges' own five attempts (a mirror's, a refused connection's a moment apart, not over
+tasks inherit it (a node's control API runs its pulls under one too: :func:`ride_outages`), and a pull run
+without one (a mirror's: its client is waiting on an answer) keeps the ranges' own five attempts (a mirror's, a refused connection's a moment apart, not over
 seconds of backoff: its headers went first, and its client got a 200 that ended at 0 bytes).
 """
 
@@ -309,20 +309,52 @@ def run_through_outages(
         try:
             return run_blocking(start(shown.watch))
         except UpstreamError as error:
-            if not error.network:
-                raise
-            clock.outage_goes_on()
-            if clock.left() <= 0:
-                raise clock.gave_up(error) from None
-            waits = 0 if shown.moved else waits
-            pause = wait_in_outage(waits, clock)
-            waits += 1
-            if clock.outage():
-                clock.say(str(error))
-            log.info("%s: trying again in %.1f s (what came is kept)", what, pause)
-            time.sleep(pause)
+            pause, waits = _after_a_try_failed(error, clock, shown, waits, what)
         finally:
             OUTAGE.reset(token)
+        time.sleep(pause)
+
+
+async def ride_outages(
+    start: Callable[[PullProgress], Coroutine[Any, Any, T]], progress: PullProgress | None, patience: float,
+    what: str, hub_heard: bool = True,
+) -> T:  # fmt: skip
+    """:func:`run_through_outages` on the running loop: a pull that runs in the background (a node's control
+    API's, a dashboard's Pull: the POST answered at once) rides out an upstream's blip as the CLI's does (it
+    failed 6 s after its node restarted, whatever the patience: an explorer's trial)."""
+    if patience <= 0:
+        return await start(progress or (lambda _update: None))
+    clock = OutageClock(patience, what, hub_heard)
+    shown = _ShownSoFar(progress)
+    waits = 0
+    while True:
+        shown.new_try()
+        token = OUTAGE.set(clock)  # (this task's context: the pull's tasks inherit it)
+        try:
+            return await start(shown.watch)
+        except UpstreamError as error:
+            pause, waits = _after_a_try_failed(error, clock, shown, waits, what)
+        finally:
+            OUTAGE.reset(token)
+        await asyncio.sleep(pause)
+
+
+def _after_a_try_failed(
+    error: UpstreamError, clock: OutageClock, shown: _ShownSoFar, waits: int, what: str
+) -> tuple[float, int]:
+    """A try of a pull failed with ``error``: re-raised unless no source answered at all (an outage) with
+    patience left; else the pause before the next try, and the tries again since one brought bytes."""
+    if not error.network:
+        raise error
+    clock.outage_goes_on()
+    if clock.left() <= 0:
+        raise clock.gave_up(error) from None
+    waits = 0 if shown.moved else waits
+    pause = wait_in_outage(waits, clock)
+    if clock.outage():
+        clock.say(str(error))
+    log.info("%s: trying again in %.1f s (what came is kept)", what, pause)
+    return pause, waits + 1
 
 
 class _ShownSoFar:

@@ -169,6 +169,8 @@
   // quiet: a 401 is not reported (the polled list of pulls, refused on a node whose reads are open).
   async function api(method, path, body, quiet = false) {
     const init = { method, cache: "no-store", headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+    // (a read, every 2 s: the node's access log keeps it at DEBUG, where one open tab wrote 165 lines a minute)
+    if (method === "GET") init.headers["X-Depot-Poll"] = "1";
     if (body !== undefined) init.body = JSON.stringify(body);
     if (method === "GET") init.signal = AbortSignal.timeout(READ_TIMEOUT_MS); // (an action may take its time)
     const before = method === "GET" ? kept.get(path) : undefined;
@@ -780,7 +782,7 @@
     if (summary) {
       const refs = Object.entries(summary.refs).map(([ref, commit]) => `${ref} → ${commit.slice(0, 10)}`);
       facts = [refs.join(", "), `${summary.files} file${summary.files === 1 ? "" : "s"}`, bytes(summary.size), summary.origin === "import" ? "imported" : "pulled"];
-      if (summary.quarantined) facts.push(`${summary.quarantined} failed verification: not served, pull again`);
+      if (summary.quarantined) facts.push(`${summary.quarantined} failed verification: not served, ${summary.origin === "import" ? "import it again" : "pull again"}`);
     } else {
       // (evicted by the disk budget, it read "not in the store yet" as if never pulled: an explorer's trial)
       const evictions = state.stats && state.stats.recent_evictions ? state.stats.recent_evictions : [];
