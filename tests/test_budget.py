@@ -1094,6 +1094,28 @@ def test_a_node_asked_for_a_budget_below_the_store_asks_before_it_evicts(tmp_pat
         confirm_evictions(depot, "1.5MiB")  # (no SystemExit)
 
 
+def test_a_budget_the_evictions_cannot_reach_is_said_before_it_is_asked(tmp_path: Path) -> None:
+    """Q8_0 loaded by a process, Q4_K_M not: `budget 50MiB --yes` evicted Q4_K_M, the store still over it, and
+    the loaded one alone, let go of later, would have been enough (an explorer's trial). The question (and
+    the refusal without a terminal) says that even the evictions leave the store over the budget."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    home = tmp_path / "store"
+    with Depot(home, chunk_size=SMALL_CHUNK) as depot:
+        for name in ("acme/a", "acme/b"):
+            depot.import_dir(model(tmp_path, name), name)
+        depot.pin("acme/a")  # (kept, as one in use is)
+        plan = depot.plan_shrink("64KiB")
+        assert [e.repo_id for e in plan] == ["acme/b"]
+    refused = CliRunner().invoke(cli, ["budget", "64KiB", "--home", str(home)])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "but even then it takes" in said and "pinned or in use" in said, said
+    reachable = CliRunner().invoke(cli, ["budget", "1.5MiB", "--home", str(home)])
+    assert "even then" not in reachable.output, reachable.output
+
+
 def test_the_budget_is_the_stores_and_every_process_on_it_keeps_to_it(tmp_path: Path) -> None:
     """`serve --max-size` held in the node alone: a `modeldepot import` or `pull` beside it, not given the same
     MODELDEPOT_MAX_SIZE, filled the disk past it. The budget is now saved with the store (`serve --max-size`,

@@ -12,6 +12,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -55,7 +57,7 @@ from controlnodes import (
     source_node,
 )
 from modeldepot import Depot
-from modeldepot.errors import StoreFullError, UpstreamError
+from modeldepot.errors import PullRunningError, StoreFullError, UpstreamError
 from modeldepot.server import create_app
 from modeldepot.server.connections import NodeRunner
 from modeldepot.server.context import CONTROL_TOKEN as APP_CONTROL_TOKEN
@@ -412,6 +414,40 @@ def test_a_pull_the_disk_cannot_hold_is_refused_as_it_is_asked(
             assert done["state"] == "done", done
         finally:
             node.stop()
+
+
+def test_a_request_beside_a_pull_refused_for_room_is_refused_too(
+    local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests of one pull the disk cannot hold: the first 507, the second was handed the job (200,
+    "running"), gone a moment later (a 404 for its id: a review's trial). Both are refused."""
+    real_scan = local.manifest_for
+
+    def slow_scan(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # (a scan through the upstream: the second request comes meanwhile)
+        return real_scan(*args, **kwargs)
+
+    def no_room(*args: Any, **kwargs: Any) -> None:
+        raise StoreFullError("pulling it needs 1.0 MiB more on the store's disk: nothing was fetched")
+
+    monkeypatch.setattr(local, "manifest_for", slow_scan)
+    monkeypatch.setattr(local.store.partials, "check_room", no_room)
+    node = LiveNode(local, token=TOKEN)
+    try:
+        body = {"repo": REPO, "quants": ["fp16"]}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(call, node.port, "POST", f"{API}/pulls", body, AUTH)
+            time.sleep(0.2)
+            second = pool.submit(call, node.port, "POST", f"{API}/pulls", body, AUTH)
+            answers = [first.result(), second.result()]
+        assert [a.status for a in answers] == [507, 507], [a.body for a in answers]
+        assert all("needs 1.0 MiB more" in a.json()["error"] for a in answers)
+        assert call(node.port, "GET", f"{API}/pulls", headers=AUTH).json() == []
+        scraped = call(node.port, "GET", "/metrics", headers=AUTH).body.decode()
+        assert 'modeldepot_node_pulls_total{result="refused"} 1.0' in scraped
+        assert 'modeldepot_node_pulls_total{result="failed"} 0.0' in scraped
+    finally:
+        node.stop()
 
 
 def test_a_pull_of_what_another_write_fetches_is_not_refused_for_its_room_counted_twice(
@@ -783,6 +819,52 @@ def test_a_repo_being_pulled_is_not_removed_and_a_wrong_method_says_which_are_ri
             route,
             wrong.body,
         )
+
+
+def test_another_variant_is_removed_while_a_pull_of_one_runs(
+    guarded: LiveNode, local: Depot, proxy: HoldingProxy, tmp_path: Path
+) -> None:
+    """`rm -q Q4_K_M` was refused while a pull of Q8_0 ran, sharing only config.json, which `rm -q` keeps:
+    removing the old quant to make room for the new one is a laptop's natural move, as `ollama rm` of another
+    tag during a pull (an explorer's trial). A variant whose files no running pull publishes goes; the one
+    pulled, or the repo, is refused, and a pull that does not say what it takes (an older version's) refuses
+    every removal as before."""
+    from click.testing import CliRunner
+
+    from modeldepot.cli import cli
+
+    pull(guarded, ["q4f16"], AUTH)
+    proxy.hold(10_000)
+    pulling = ThreadPoolExecutor(1).submit(local.pull, REPO, ["fp16"])
+    try:
+        wait_until(lambda: local.store.partials.is_pulling(REPO), 30, "the pull of fp16 to run")
+        refused = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?quant=fp16", headers=AUTH)
+        assert refused.status == 409 and "takes fp16" in refused.body.decode(), refused.body
+        with pytest.raises(PullRunningError, match="that takes fp16's files is running"):
+            local.remove(REPO, quant="fp16")
+        with pytest.raises(PullRunningError):
+            local.remove(REPO)
+        # (an older version's pull of the repo: its mark held, what it takes not said)
+        mark = local.store.partials._pull_mark(REPO)
+        older = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
+                                  "fcntl.flock(f, fcntl.LOCK_SH); print('held', flush=True); time.sleep(3600)",
+                                  str(mark)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        with older:  # (its pipe closed at the end)
+            try:
+                assert older.stdout is not None and older.stdout.readline().strip() == "held"
+                with pytest.raises(PullRunningError):
+                    local.remove(REPO, quant="q4f16")
+            finally:
+                older.kill()
+        said = CliRunner().invoke(cli, ["rm", REPO, "-q", "q4f16", "--yes", "--home", str(local.home)])
+        assert said.exit_code == 0, said.output
+        assert not any(f.path.startswith("onnx/model_q4f16") for f in local.list_files(REPO))
+    finally:
+        proxy.release()
+        pulling.result(60)
+    assert {f.path for f in local.list_files(REPO)} >= {"onnx/model_fp16.onnx", "config.json"}
+    assert not any(f.path.startswith("onnx/model_q4f16") for f in local.list_files(REPO))
+    assert not list(local.store.partials.root.glob("*.takes"))  # (its file went with the pull)
 
 
 def test_a_repo_whose_pull_is_still_scanning_is_not_removed_and_a_case_asks_for_the_same_job(

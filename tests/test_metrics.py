@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (
@@ -586,16 +587,29 @@ def test_a_mirrors_answers_from_its_store_and_through_its_upstream(
             assert before.value("modeldepot_mirror_answers_total", source="upstream") == 0
             assert before.value("modeldepot_mirror_pulls_total", result="failed") == 0
             target = f"/{UPSTREAM_REPO}/resolve/main/config.json"
+            assert head(mirror, target) == 200  # (a HEAD is no answer of the file: a review)
             assert get(mirror, target).body == UPSTREAM_FILES["config.json"]  # (pulled as it went)
             wait_until(lambda: held.has_file(UPSTREAM_REPO, "config.json"), 30, "the pull to publish")
             assert get(mirror, target).body == UPSTREAM_FILES["config.json"]  # (from the store)
+            # An LFS file by branch: a redirect to its commit's URL, then the file: one answer (it counted two)
+            weights = requests.get(f"{mirror.url}/{UPSTREAM_REPO}/resolve/main/{BIG}", timeout=60)
+            assert weights.history and weights.content == UPSTREAM_FILES[BIG]
             s = scrape(mirror)
-            assert s.value("modeldepot_mirror_answers_total", source="upstream") == 1
+            assert s.value("modeldepot_mirror_answers_total", source="upstream") == 2
             assert s.value("modeldepot_mirror_answers_total", source="store") == 1
-            assert s.value("modeldepot_mirror_pulls_total", result="done") == 1
+            assert s.value("modeldepot_mirror_pulls_total", result="done") == 2
         finally:
             mirror.stop()
     assert "modeldepot_mirror_answers" not in scrape_text_of_a_plain_node(tmp_path)
+
+
+def head(node: LiveNode, target: str) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+    try:
+        connection.request("HEAD", target)
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def scrape_text_of_a_plain_node(tmp_path: Path) -> str:
@@ -643,3 +657,30 @@ def test_the_background_scrubs_passes_and_finds(tmp_path: Path) -> None:
         assert time.time() - 60 < found["modeldepot_scrub_last_pass_timestamp_seconds"] <= time.time()
     finally:
         served.stop()
+
+
+def test_a_scrub_pass_that_fails_keeps_what_it_counted(tmp_path: Path) -> None:
+    """A pass that quarantined a blob, then failed (the index locked), counted it nowhere: the tally was
+    added as the pass ended (a review's trial). It counts as it goes."""
+    import threading
+
+    from modeldepot.errors import StoreError
+
+    with Depot(tmp_path / "home", chunk_size=SMALL_CHUNK) as depot:
+        depot.import_dir(write_model_dir(tmp_path / "src", FILES), REPO)
+        flip_byte(depot.store.blobs.path(BIG_SHA), 10)
+        scrubber = depot.scrubber(1 << 40)
+        due = sorted(scrubber.due(0), key=lambda blob: blob.sha256 != BIG_SHA)  # (the corrupt one first)
+        scrubber.due = lambda older_than: due  # type: ignore[method-assign]
+
+        def locked(*args: object) -> None:
+            raise StoreError("database is locked")
+
+        depot.store.record_verified = locked  # type: ignore[method-assign]
+        stop = threading.Event()
+        runner = threading.Thread(target=scrubber.run_every, args=(3600, stop))
+        runner.start()
+        wait_until(lambda: scrubber.tally.failed_passes > 0, 30, "the pass to fail")
+        stop.set()
+        runner.join(30)
+        assert scrubber.tally.corrupt == 1 and scrubber.tally.bytes_checked > 0, scrubber.tally

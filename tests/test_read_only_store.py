@@ -37,6 +37,7 @@ from conftest import (
     WITHOUT_OVERRIDE,
     LiveNode,
     Mounts,
+    closed_port,
     free_port,
     wait_for_port,
     write_model_dir,
@@ -1022,3 +1023,19 @@ def test_the_mode_files_are_given_back_follows_the_umask() -> None:
     finally:
         os.umask(before)
     assert writable_mode() == 0o666 & ~before
+
+
+def test_a_whole_repo_pull_on_a_read_only_store_is_refused_before_any_scan(
+    tmp_path: Path, read_only: Mount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pull REPO` (every variant: it scans first, to say what it takes) asked the Hub before it said the store
+    was read-only, and failed on an unreachable Hub with that error instead (a review's trial)."""
+    from click.testing import CliRunner
+
+    mounted = read_only(made_store(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("MODELDEPOT_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    result = CliRunner().invoke(cli, ["pull", "acme/q", "--home", str(mounted)])
+    said = " ".join(result.output.split())
+    assert result.exit_code != 0 and "read-only file system" in said and "scan" not in said, said

@@ -169,11 +169,14 @@ class Upkeep:
         runs, here or in another process. A repo the store holds nothing of but its saved scan: the scan goes
         (``scan_forgotten``)."""
         validate_repo_id(repo_id)  # (before it names a file)
-        if self.store.partials.is_pulling(repo_id):
+        if self.store.partials.is_pulling(repo_id) and (
+            quant is None or not self._pulls_leave(repo_id, revision, quant)
+        ):
             holder = self.store.partials.pull_holder(repo_id)
             who = "" if holder is None else f" (process {holder})"
-            raise PullRunningError(f"a pull of {repo_id} is running{who}: nothing was removed; remove it once the "
-                                   "pull ends, or stop the pull first", repo_id=repo_id)  # fmt: skip
+            what = "" if quant is None else f" that takes {quant}'s files"
+            raise PullRunningError(f"a pull of {repo_id}{what} is running{who}: nothing was removed; remove it once "
+                                   "the pull ends, or stop the pull first", repo_id=repo_id)  # fmt: skip
         if quant is not None:
             return self._remove_variant(repo_id, revision, quant).seen_held()
         try:
@@ -192,6 +195,32 @@ class Upkeep:
         for gone in result.commits if revision is not None else ():
             self.store.budget.forget_history(repo_id, gone)
         return result.seen_held()
+
+    def _pulls_leave(self, repo_id: str, revision: str | None, quant: str) -> bool:
+        """Whether the pulls of ``repo_id`` running now publish none of the files of variant ``quant`` (at
+        ``revision``, or main and the older revisions a removal of it takes it from): removing the old quant to
+        make room for the new one is a laptop's natural move, as `ollama rm` of another tag during a pull (`rm
+        -q` was refused for any pull of the repo, an explorer's trial). The blobs a pull reuses are kept from
+        any removal already (the budget's writers)."""
+        taken = self.store.partials.pulls_take(repo_id)
+        if taken is None or group_files(taken).find(quant) is not None:  # (a pull of that variant itself)
+            return False
+        commits = [] if revision is None else [revision]
+        if revision is None:
+            with contextlib.suppress(NotFoundError):
+                commits.append(self.store.resolve(repo_id, "main"))
+            commits.extend(self.store.detached_revisions(repo_id))
+        for commit in commits:
+            try:
+                grouping = group_files(
+                    e.path for e in self.store.files(repo_id, self.store.resolve(repo_id, commit))
+                )
+            except NotFoundError:
+                continue
+            variant = grouping.find(quant)
+            if variant is not None and set(grouping.own_files(variant)) & taken:
+                return False
+        return True
 
     def _remove_variant(self, repo_id: str, revision: str | None, quant: str) -> RemoveResult:
         """The variant's own files from ``revision``; without one, from main and from every older revision

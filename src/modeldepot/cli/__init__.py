@@ -617,16 +617,18 @@ def pull_command(
     use_cluster(depot, cluster, cluster_prefix)
     use_rates(depot, max_download_rate)
     chosen: list[str] | str | None = list(quants) if quants else ("all" if all_variants else None)
-    manifest = None
-    if chosen is None and not include and not exclude:
-        # (the whole repo: every quant of a GGUF repo, hundreds of GB of a big model's, started without a word,
-        # where llama.cpp and `load` pick one and Ollama pulls one tag: an explorer's trial)
-        manifest = depot.manifest_for(repo_id, revision)
-        if len(manifest.variants) > 1:
-            render.err.print(render.every_variant_note(manifest))
     view = render.PullView(f"pulling {repo_id}")
     try:
         with view.running():
+            manifest = None
+            if chosen is None and not include and not exclude:
+                # (the whole repo: every quant of a GGUF repo, hundreds of GB of a big model's, started without a
+                # word, where llama.cpp and `load` pick one and Ollama pulls one tag: an explorer's trial; a
+                # read-only store refused first, as the pull refuses it, a review)
+                depot.check_writable("a pull")
+                manifest = depot.manifest_for(repo_id, revision)
+                if len(manifest.variants) > 1:
+                    render.err.print(render.every_variant_note(manifest))
             result = depot.pull(repo_id, chosen, revision=revision, progress=view.update, manifest=manifest,
                                 include=list(include) or None, exclude=list(exclude) or None)  # fmt: skip
     except KeyboardInterrupt:

@@ -165,6 +165,12 @@ def confirm_evictions(depot: Depot, size: str, preview: str = "--dry-run") -> No
     writes = f" and writes under way hold {render.format_bytes(reserved)} more" if reserved else ""
     what = (f"the store holds {render.format_bytes(used)}{writes}, over {render.format_bytes(limit)}: setting this budget "
             "removes the least recently used models (not the pinned ones, nor those in use) until it fits")  # fmt: skip
+    after = used + reserved - sum(e.bytes_freed + e.bytes_still_linked for e in planned)
+    if after > limit:
+        # (they went for nothing: the store stayed over, and the model in use, let go of later, would have been
+        # enough alone; said before the question, an explorer's trial)
+        what += (f", but even then it takes {render.format_bytes(after)}: what is pinned or in use keeps it above "
+                 "(the models removed would not bring it within; unpin, or stop what uses them, first)")  # fmt: skip
     if not sys.stdin.isatty():
         render.err.print(
             f"[red]error:[/red] {escape(what)}; pass --yes to do so ({escape(preview)} shows what would go)"

@@ -217,8 +217,20 @@ SHUTDOWN_LOOK = 0.05  # seconds between looks, as a node stops, at an answer sti
 
 _PROBES = frozenset({"/api/depot/v1/health", "/metrics"})  # (asked every few seconds by machines)
 # The header of the dashboard's reads, every 2 s while a tab is open: one tab wrote 165 access lines a minute
-# (an explorer's trial)
+# (an explorer's trial). Taken of those reads alone: on any GET, a client hid its downloads from the log (a
+# review)
 POLL_HEADER = "X-Depot-Poll"
+_POLLED = frozenset(f"/api/depot/v1/{name}" for name in ("info", "stats", "repos", "peers", "pins", "pulls"))
+
+
+def _polled(request: BaseRequest) -> bool:
+    """Whether ``request`` is a dashboard's read (:data:`POLL_HEADER`, of what the page polls)."""
+    path = request.path
+    return (
+        request.method == "GET"
+        and POLL_HEADER in request.headers
+        and (path in _POLLED or (path.startswith("/api/depot/v1/repos/") and path.endswith("/manifest")))
+    )
 
 
 class NodeAccessLogger(AbstractAccessLogger):
@@ -237,7 +249,7 @@ class NodeAccessLogger(AbstractAccessLogger):
             # A load balancer's probe, a scrape and a dashboard's read that went well, at DEBUG: one every 2 s
             # made 43,000 lines a day of a service's journal, and --log-level warning, the only way out, hid the
             # start lines too (an explorer's trial)
-            polled = request.path in _PROBES or (request.method == "GET" and POLL_HEADER in request.headers)
+            polled = request.path in _PROBES or _polled(request)
             level = logging.DEBUG if polled and response.status < 400 else logging.INFO
             sent = body_bytes_sent(request, response)
             # An answer cut short (a client that left mid-download) says the bytes it was to send too: its line

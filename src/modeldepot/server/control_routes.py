@@ -283,6 +283,7 @@ class PullJob:
     waiting_on: str | None = None
     failure: DepotError | None = field(default=None, repr=False)  # what it failed with
     told: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # its pull told its progress once
+    counted_at_end: bool = field(default=False, repr=False)  # its end is counted as it ends (past its start)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -343,12 +344,21 @@ class PullJobs:
     def list(self) -> list[PullJob]:
         return list(self._jobs.values())
 
-    def pulling(self, repo_id: str) -> str | None:
-        """What pulls ``repo_id`` now (a pull's id, or "a pull starting" while its scan runs), or None."""
-        running = [job.id for key, job in self._running.items() if key[0] == repo_id.lower()]
+    def pulling(self, repo_id: str, quant: str | None = None) -> str | None:
+        """What pulls ``repo_id`` now (a pull's id, or "a pull starting" while its scan runs), or None; with
+        ``quant``, a pull that takes that variant alone (every variant, or it among those named: a pull of
+        another quant leaves it to be removed, as `rm -q` allows)."""
+
+        def takes(key: PullKey) -> bool:
+            asked = key[2]
+            return key[0] == repo_id.lower() and (
+                quant is None or not isinstance(asked, tuple) or quant.lower() in asked
+            )
+
+        running = [job.id for key, job in self._running.items() if takes(key)]
         if running:
             return f"pull {running[0]}"
-        return "a pull starting" if any(key[0] == repo_id.lower() for key in self._starting) else None
+        return "a pull starting" if any(takes(key) for key in self._starting) else None
 
     async def start(self, depot: Depot, repo_id: str, revision: str, quants: Quants) -> tuple[PullJob, bool]:
         """The pull of ``quants`` of ``repo_id`` at ``revision``, and whether it is new. The repo is scanned
@@ -359,12 +369,14 @@ class PullJobs:
                 f"the store at {depot.home} is {depot.store.read_only_said()}: it pulls nothing"
             )
         key = _key(repo_id, revision, quants)
+        starting = self._starting.get(
+            key
+        )  # (first: a pull just launched may yet be refused, see _short_of_room)
+        if starting is not None:
+            return await asyncio.shield(starting), False
         running = self._running.get(key)
         if running is not None:
             return running, False
-        starting = self._starting.get(key)
-        if starting is not None:
-            return await asyncio.shield(starting), False
         future: asyncio.Future[PullJob] = asyncio.get_running_loop().create_future()
         self._starting[key] = future
         try:
@@ -378,6 +390,9 @@ class PullJobs:
                 future.set_result(same)
                 return same, False
             job = self._launch(depot, key, manifest, revision, wanted)
+            refusal = await self._short_of_room(job)
+            if refusal is not None:
+                raise refusal
         except BaseException as error:
             # Requests waiting for this scan get its error; when this request was cancelled (its deadline),
             # a timeout of their own (the error middleware answers 408), never a cancellation.
@@ -392,33 +407,34 @@ class PullJobs:
         finally:
             del self._starting[key]
         future.set_result(job)
-        await self._refuse_if_short_of_room(job)
         return job, True
 
-    async def _refuse_if_short_of_room(self, job: PullJob) -> None:
-        """A pull that fails for want of room before it fetched a byte (the disk's: known only as the pull
-        makes its room, evicting or not) is this request's answer, a 507 counted ``refused``, as a full disk
-        budget's is: it was a 202 for a job that failed 11 ms later, counted ``failed``, and an alert could
-        not tell a full disk from an upstream that broke mid-transfer (an explorer's trial). Waited for until
-        the pull tells its progress, ends, or ROOM_PATIENCE passes."""
+    async def _short_of_room(self, job: PullJob) -> DepotError | None:
+        """What a pull failed with for want of room before it fetched a byte (the disk's: known only as the
+        pull makes its room, evicting or not), forgotten as a job: the request's answer (a 507, counted
+        ``refused``, as a full disk budget's is: it was a 202 for a job that failed 11 ms later, counted
+        ``failed``, and an alert could not tell a full disk from an upstream that broke mid-transfer, an
+        explorer's trial). Waited for until the pull tells its progress, ends, or ROOM_PATIENCE passes; until
+        then its end is not counted (the failed count went up and down again, a review), nor is it asked
+        again (the requests that ask wait for this one's answer)."""
         assert job.task is not None
         told = asyncio.ensure_future(job.told.wait())
         try:
             await asyncio.wait({job.task, told}, timeout=ROOM_PATIENCE, return_when=asyncio.FIRST_COMPLETED)
         finally:
             told.cancel()
+            job.counted_at_end = True
         failure = job.failure
         if (
             job.task.done()
             and isinstance(failure, (StoreFullError, BudgetExceededError))
             and not job.bytes_done
         ):
-            self._jobs.pop(job.id, None)
-            self.ended["failed"] -= 1
-            self.ended["refused"] = self.ended.get("refused", 0) + 1
-            if isinstance(failure, StoreFullError):  # (said as the job would say it to the same caller)
-                raise Refused(507, "StoreFull", f"the node's disk is full: {failure}")
-            raise failure
+            self._jobs.pop(job.id, None)  # (its _run took it out of the running ones as it ended)
+            return failure
+        if job.task.done():
+            self.ended[job.state] = self.ended.get(job.state, 0) + 1
+        return None
 
     def _launch(
         self, depot: Depot, key: PullKey, manifest: Manifest, revision: str, quants: Quants
@@ -429,7 +445,7 @@ class PullJobs:
         job = PullJob(uuid.uuid4().hex[:16], manifest.repo_id, revision, quants, manifest.commit_id, "running", 0,
                       sum(f.size for f in files), time.time())  # fmt: skip
         self._jobs[job.id] = self._running[key] = job
-        job.task = asyncio.get_running_loop().create_task(self._run(depot, key, job, manifest))
+        job.task = asyncio.get_running_loop().create_task(self._run(depot, job, manifest))
         # (a node killed mid-pull left no line of what it was pulling: only pulls that ended were logged, an
         # explorer's trial)
         what = quants if isinstance(quants, str) else ", ".join(quants) if quants else "the whole commit"
@@ -438,7 +454,7 @@ class PullJobs:
         self._forget_finished()
         return job
 
-    async def _run(self, depot: Depot, key: PullKey, job: PullJob, manifest: Manifest) -> None:
+    async def _run(self, depot: Depot, job: PullJob, manifest: Manifest) -> None:
         def progress(update: PullUpdate) -> None:
             job.told.set()
             if update.shown != job.bytes_done:
@@ -505,8 +521,9 @@ class PullJobs:
                      result.bytes_downloaded, sources or "all held already")  # fmt: skip
         finally:
             job.finished_at = time.time()
-            self.ended[job.state] = self.ended.get(job.state, 0) + 1
-            if self._running.get(key) is job:
+            if job.counted_at_end:  # (else its start counts it: see _short_of_room)
+                self.ended[job.state] = self.ended.get(job.state, 0) + 1
+            for key in [key for key, running in self._running.items() if running is job]:
                 del self._running[key]
 
     async def cancel(self, job_id: str) -> tuple[PullJob | None, bool]:
@@ -614,7 +631,10 @@ async def start_pull(request: web.Request) -> web.Response:
     repo_id = await asyncio.to_thread(request.app[DEPOT].store.spelled, repo_id)  # one job whatever the case
     revision = _revision_field(body)
     quants = _quants_field(body)
-    job, new = await request.app[PULLS].start(request.app[DEPOT], repo_id, revision, quants)
+    try:
+        job, new = await request.app[PULLS].start(request.app[DEPOT], repo_id, revision, quants)
+    except StoreFullError as error:  # (said as its job would say it to the same caller: sizes, the fix)
+        raise Refused(507, "StoreFull", f"the node's disk is full: {error}") from None
     return json_response(job.to_dict(), 202 if new else 200)
 
 
@@ -757,10 +777,10 @@ async def remove_repo(request: web.Request) -> web.Response:
         quant = named_quant
     # (A pull running, or scanning before it runs, would publish when it ends: the repo would come back
     # after "removed")
-    pulling = request.app[PULLS].pulling(repo_id)
+    pulling = request.app[PULLS].pulling(repo_id, quant)
     if pulling is not None:
-        raise Refused(409, "PullRunning", f"a pull of {repo_id} is running ({pulling}): remove it once the "
-                                          "pull ends")  # fmt: skip
+        raise Refused(409, "PullRunning", f"a pull of {repo_id}{'' if quant is None else f' that takes {quant}'} is "
+                                          f"running ({pulling}): remove it once the pull ends")  # fmt: skip
     depot = request.app[DEPOT]
     # (a variant it lacks: 404, as a DELETE of what is not there)
     result = await asyncio.to_thread(depot.remove, repo_id, revision, quant)

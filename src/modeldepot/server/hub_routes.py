@@ -632,14 +632,13 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
             except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError,
                     BlobRemovedError) as error:  # fmt: skip
                 _say_fetched_again(error, repo_id, manifest.commit_id, path)
-                _count_mirrored(request, "upstream")
-                return await remote(request, repo_id, revision, path)  # (a quarantined file is pulled again)
+                # (a quarantined file is pulled again)
+                return _counted(request, "upstream", await remote(request, repo_id, revision, path))
             if not is_commit_id(revision):
                 # (a branch whose commit the store held already: served, and not listed by list_repo_refs, as
                 # the branches a pull found are, an explorer's trial)
                 await request.app[MIRROR].scans.point_branches(manifest, its_own=True)
-            _count_mirrored(request, "store")
-            return answer
+            return _counted(request, "store", answer)
     try:
         answer = await local(request, repo_id, revision, path)  # (a use, counted as the blob is opened)
     except (RepoNotFoundError, RevisionNotFoundError, EntryNotFoundError, CorruptBlobError,
@@ -649,17 +648,17 @@ async def _serve_file(request: web.Request, local: FileAnswer, remote: FileAnswe
         if not await _mirrorable(request, repo_id):
             raise
         _say_fetched_again(error, repo_id, revision, path)
-        _count_mirrored(request, "upstream")
-        return await remote(request, repo_id, revision, path)
-    _count_mirrored(request, "store")
-    return answer
+        return _counted(request, "upstream", await remote(request, repo_id, revision, path))
+    return _counted(request, "store", answer)
 
 
-def _count_mirrored(request: web.Request, source: str) -> None:
-    """A mirror's answer of a file from its store, or through its upstream (/metrics: a mirror that served
-    everything from its upstream looked as one that served from its disk, an explorer's trial)."""
-    if _mirrors(request):
+def _counted(request: web.Request, source: str, answer: web.StreamResponse) -> web.StreamResponse:
+    """``answer``, a mirror's of a file from its store or through its upstream, counted when it sends the
+    file (/metrics: a mirror that served everything from its upstream looked as one that served from its
+    disk, an explorer's trial; a HEAD, a redirect to the commit's URL, an error are no answer of a file)."""
+    if _mirrors(request) and request.method == "GET" and answer.status in (200, 206):
         request.app[MIRROR].answers[source] += 1
+    return answer
 
 
 def _say_fetched_again(error: DepotError, repo_id: str, revision: str, path: str) -> None:

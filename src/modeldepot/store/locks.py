@@ -288,9 +288,18 @@ def lock_is_held(path: Path | str, folder: int | None = None) -> bool | None:
 def flock_holder(path: Path) -> int | None:
     """The pid of a process holding a ``flock`` on ``path`` (``/proc/locks``), None when none does or it
     cannot be told (no procfs; a holder in another pid namespace shows as none)."""
+    holders = flock_holders(path)
+    return min(holders) if holders else None
+
+
+def flock_holders(path: Path) -> frozenset[int] | None:
+    """The pids of the processes holding a ``flock`` on ``path`` (``/proc/locks``: a shared lock's every
+    holder); None when it cannot be told (no procfs, no such file). A holder in another pid namespace shows
+    as none."""
     try:
         info = os.stat(path)
-        same_inode: list[int] = []
+        same_device: set[int] = set()
+        same_inode: set[int] = set()
         with open("/proc/locks", encoding="ascii", errors="replace") as locks:
             for line in locks:
                 # "1: FLOCK  ADVISORY  WRITE 28045 fe:00:2343248 0 EOF" (a waiter's: "1: -> FLOCK ...")
@@ -301,14 +310,19 @@ def flock_holder(path: Path) -> int | None:
                 if int(inode) != info.st_ino or int(fields[4]) <= 0:
                     continue
                 if os.makedev(int(major, 16), int(minor, 16)) == info.st_dev:
-                    return int(fields[4])
-                same_inode.append(int(fields[4]))
+                    same_device.add(int(fields[4]))
+                same_inode.add(int(fields[4]))
         # (btrfs and some overlays show another device number there than stat() does: the inode alone,
         # when one process holds a lock of it)
-        return same_inode[0] if len(set(same_inode)) == 1 else None
+        return (
+            frozenset(same_device)
+            if same_device
+            else frozenset(same_inode)
+            if len(same_inode) == 1
+            else frozenset()
+        )
     except (OSError, ValueError):
-        pass
-    return None
+        return None
 
 
 def process_state(pid: int) -> str | None:

@@ -58,14 +58,16 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import mmap
 import os
 import re
+import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Set
+from collections.abc import Callable, Collection, Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -80,6 +82,7 @@ from modeldepot.store.durability import UNKNOWN_BOOT, current_boot_id
 from modeldepot.store.layout import FULL_DISK_ADVICE, StoreLayout, os_error, size_text, writable_mode
 from modeldepot.store.locks import (
     flock_holder,
+    flock_holders,
     forget_and_close,
     held_exclusively,
     lock_file,
@@ -110,6 +113,7 @@ PUBLIC_MARK = "public-mark"  # the empty file every download's ``.public`` mark 
 # An empty file whose mtime a download that completed sets as it lets go: what a serving node's publisher
 # looks at, five times a second, to tell its fleet at once that the store holds one more file
 ENDED_MARK = "ended-mark"
+TAKES = ".takes"  # a running pull's file of the paths it publishes, beside its repo's pull mark
 WANTED = "wanted"  # the folder of partials/ whose marks name contents that pulls wait for
 _HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
 _HEADER_LINE = re.compile(r"modeldepot-partial 1 size=([0-9]{1,19}) chunk=([0-9]{1,12})")
@@ -445,10 +449,65 @@ class PartialFiles:
         return self.root / f"pull-{hashlib.sha256(repo_id.encode()).hexdigest()[:24]}.lock"
 
     @contextlib.contextmanager
-    def pulling(self, repo_id: str) -> Iterator[None]:
+    def pulling(self, repo_id: str, paths: Collection[str] = ()) -> Iterator[None]:
         """Mark a pull of ``repo_id`` as running in this process (a shared flock: pulls may overlap). gc
-        removes a mark no pull holds (:meth:`collect`), so the mark locked must still be the one named."""
+        removes a mark no pull holds (:meth:`collect`), so the mark locked must still be the one named.
+        ``paths``: the files of the repo it publishes, written beside the mark in a file of this pull's, held
+        locked (:meth:`pulls_take`)."""
         mark = self._pull_mark(repo_id)
+        with self._taking(mark, paths), self._marked(mark):
+            yield
+
+    @contextlib.contextmanager
+    def _taking(self, mark: Path, paths: Collection[str]) -> Iterator[None]:
+        name = self.root / f"{mark.stem}.{os.getpid()}.{secrets.token_hex(4)}{TAKES}"
+        try:
+            fd = lock_file(
+                open_within, name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666, self.layout.real_home
+            )
+        except OSError as error:
+            raise os_error(error, "marking a pull as running") from error
+        try:
+            take_flock(fd, fcntl.LOCK_EX)
+            os.write(fd, json.dumps(sorted(paths)).encode())
+            yield
+        finally:
+            self.layout.unlink(name)
+            unlock_and_close(fd)
+
+    def pulls_take(self, repo_id: str) -> frozenset[str] | None:
+        """The paths the pulls of ``repo_id`` running now publish (:meth:`pulling`'s ``paths``); None when a
+        pull's are not known (one of an older version, in another pid namespace): a removal of a variant whose
+        files none of them takes may go on beside them (`rm -q Q4_K_M` was refused while a pull of Q8_0 ran, an
+        explorer's trial)."""
+        mark = self._pull_mark(repo_id)
+        holders = flock_holders(mark)
+        if not holders:
+            return None
+        taken: set[str] = set()
+        told: set[int] = set()
+        for name in self.root.glob(f"{mark.stem}.*{TAKES}"):
+            try:
+                pid = int(name.name.split(".")[1])
+                fd = lock_file(os.open, name, os.O_RDONLY | _OWN_FILE)
+            except (OSError, ValueError, IndexError):
+                continue
+            try:
+                try:
+                    take_flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:  # (held: a live pull's, written whole before it was marked)
+                    paths = json.loads(os.pread(fd, 1 << 26, 0) or b"[]")
+                    if isinstance(paths, list) and all(isinstance(p, str) for p in paths):
+                        taken.update(paths)
+                        told.add(pid)
+            except (OSError, ValueError):
+                continue
+            finally:
+                unlock_and_close(fd)
+        return frozenset(taken) if holders <= told else None
+
+    @contextlib.contextmanager
+    def _marked(self, mark: Path) -> Iterator[None]:
         while True:
             try:
                 fd = lock_file(open_within, mark, os.O_RDWR | os.O_CREAT, 0o666, self.layout.real_home)
@@ -930,6 +989,9 @@ class PartialFiles:
                     kept += 1
             finally:
                 unlock_and_close(fd)
+        for takes in self.root.glob(f"pull-*{TAKES}"):  # (a pull killed: its file no pull holds)
+            if lock_is_held(takes) is False:
+                self.layout.unlink(takes)
         for mark in self.root.glob("pull-*.lock"):  # (one per repo ever pulled: an inode each, for good)
             with contextlib.suppress(OSError):
                 fd = lock_file(os.open, mark, os.O_RDONLY | _OWN_FILE)

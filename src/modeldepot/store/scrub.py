@@ -53,12 +53,9 @@ class ScrubTally:
     bytes_checked: int = 0
     corrupt: int = 0
 
-    def add(self, report: ScrubReport, ended: float) -> None:
+    def ended(self, when: float) -> None:
         self.passes += 1
-        self.last_pass_ended = ended
-        self.blobs_checked += report.blobs_checked
-        self.bytes_checked += report.bytes_checked
-        self.corrupt += len(report.corrupt)
+        self.last_pass_ended = when
 
 
 class Scrubber:
@@ -106,6 +103,9 @@ class Scrubber:
                         reader.check(index)
                         length = reader.span(index)[1]
                         checked_bytes += length
+                        self.tally.bytes_checked += (
+                            length  # (as it goes: a pass that fails keeps what it did)
+                        )
                         budget_bytes += length
                         ahead = budget_bytes / self.rate - (self._clock() - budget_start)
                         if ahead <= 0:
@@ -129,10 +129,12 @@ class Scrubber:
                 log.error("scrub: %s%s", error, f" Used by {', '.join(users[:5])}{' …' if len(users) > 5 else ''}"
                           f" ({restore} restores it)." if users else "")  # fmt: skip
                 corrupt.append(blob.sha256)
+                self.tally.corrupt += 1
                 continue
             except BlobRemovedError:
                 continue  # removed (an `rm`, the budget) since the pass listed it
             checked += 1
+            self.tally.blobs_checked += 1
             self.store.record_verified(blob.sha256, self._wall())
         return self._report(checked, checked_bytes, corrupt, False, started)
 
@@ -146,7 +148,7 @@ class Scrubber:
     def _report(self, checked: int, checked_bytes: int, corrupt: list[str], stopped: bool,
                 started: float) -> ScrubReport:  # fmt: skip
         report = ScrubReport(checked, checked_bytes, tuple(corrupt), stopped, self._clock() - started)
-        self.tally.add(report, self._wall())
+        self.tally.ended(self._wall())
         return report
 
     def run_every(self, interval: float, stop: threading.Event) -> None:

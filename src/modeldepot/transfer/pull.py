@@ -324,7 +324,7 @@ async def _pull_writing(store: Store, manifest: Manifest, files: list[RemoteFile
         tracker.path_sources[path] = {"local": digest.size}
     new_bytes = {f.sha256 or f.git_oid: f.size for f in missing}
     writer.contents = new_bytes  # (another pull of them shares their downloads: its room is theirs too)
-    with store.partials.pulling(manifest.repo_id):
+    with store.partials.pulling(manifest.repo_id, [f.path for f in files]):
         doing = f"pulling {manifest.repo_id}"
         sizes = {partial_key(f.sha256, f.git_oid): f.size for f in missing}
         # Room for the new blobs in the budget, and on the disk (all of them together, beside what interrupted
