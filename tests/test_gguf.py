@@ -418,7 +418,7 @@ def test_a_file_that_lies_about_its_sizes_is_refused_at_once(tmp_path: Path) -> 
         "string count": (patched(data, tokens + 8, "<Q", 2**62), "truncated"),  # gguf-py would loop on
         "float count": (patched(data, scores + 8, "<Q", 2**62), "truncated"),  # these for ages
         "value type": (patched(data, tokens, "<I", 77), "value type 77"),
-        "dimensions": (patched(data, f32, "<I", 2**31), "truncated"),
+        "dimensions": (patched(data, f32, "<I", 2**31), "has 2147483648 dimensions"),
         "tensor offset": (patched(data, f32 + 4 + 16 + 4, "<Q", 2**40), "tensor 'f32.weight' needs bytes"),
         "ggml type": (patched(data, f32 + 4 + 16, "<I", 999), "ggml type 999"),
         "rows": (patched(data, data.index(struct.pack("<Q", 9) + b"q8.weight") + 17 + 4, "<Q", 33), "blocks"),
@@ -582,3 +582,54 @@ def test_a_variant_of_a_pull_request_is_not_taken_for_mains(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with Depot(tmp_path / "local") as offline, pytest.raises(NotFoundError, match="offline"):
         offline.load(REPO, "Q4_K_M", engine="gguf")
+
+
+def test_model_info_reads_a_gguf_header_without_the_gguf_reader(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gguf package's reader made numpy objects of every element of every metadata array: an 8 MB file
+    of a million empty strings cost it 18 s and 1.6 GB at each model info, eight at once a node's memory
+    (an explorer's trial). The listing walks the header for its few values alone; a tensor whose dimensions
+    multiply past what its file could hold is no model's."""
+    from huggingface_hub import HfApi
+
+    folder = tmp_path / "big-vocab"
+    folder.mkdir()
+    writer = gguf.GGUFWriter(folder / "vocab-Q8_0.gguf", "llama")
+    writer.add_uint32("llama.context_length", 4096)
+    writer.add_string("tokenizer.chat_template", "{{ messages }}")
+    writer.add_array(
+        "tokenizer.ggml.tokens", ["<s>", "</s>"] + [""] * 100_000
+    )  # (empty strings: 8 bytes each)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 0)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 1)
+    writer.add_tensor("w", F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    depot.import_dir(folder, "acme/vocab")
+    lying = tmp_path / "lying"
+    lying.mkdir()
+    header = struct.pack("<4sIQQ", b"GGUF", 3, 1, 1)
+    header += struct.pack("<Q", 20) + b"general.architecture" + struct.pack("<IQ", 8, 5) + b"llama"
+    header += struct.pack("<Q", 1) + b"t" + struct.pack("<I", 3) + struct.pack("<3Q", 2**40, 2**40, 2**40)
+    header += struct.pack("<IQ", 0, 0)
+    (lying / "lying-F32.gguf").write_bytes(header + bytes(64))
+    depot.import_dir(lying, "acme/lying")
+
+    def no_reader(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the listing read the header with GGUFReader")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_reader)
+    node = LiveNode(depot)
+    try:
+        api = HfApi(endpoint=node.url)
+        assert api.model_info("acme/vocab").gguf == {
+            "total": F32.size, "architecture": "llama", "context_length": 4096,
+            "chat_template": "{{ messages }}", "bos_token": "<s>", "eos_token": "</s>",
+        }  # fmt: skip
+        assert api.model_info("acme/lying").gguf is None
+        assert {m.id: m.gguf for m in api.list_models(expand=["gguf"])}["acme/lying"] is None
+    finally:
+        node.stop()

@@ -46,6 +46,7 @@ from conftest import (
     write_model_dir,
 )
 from modeldepot import Depot
+from modeldepot.errors import InvalidInputError
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SAMPLE = "acme/sample"
@@ -864,6 +865,25 @@ def test_model_info_gives_the_safetensors_parameters(node: LiveNode, depot: Depo
     both = api.model_info("acme/sharded").safetensors
     assert both is not None and (both.parameters, both.total) == ({"F32": 12, "I64": 5, "F16": 8}, 25)
     assert api.get_safetensors_metadata("acme/sharded").parameter_count == both.parameters
+
+
+def test_a_safetensors_header_whose_shape_multiplies_past_its_file_is_no_model(
+    node: LiveNode, depot: Depot, tmp_path: Path
+) -> None:
+    """A tensor of 120,000 dimensions of 2**60 in a 2.4 MB header: multiplied whole, it held every thread of
+    the node for 25 s, and its product, too big to write as JSON, made model info a 500 for good, and a
+    listing of every repo asked for `safetensors` too (an explorer's trial). Bounded as it is multiplied,
+    it is no model: no parameters, and no load."""
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2**60] * 100, "data_offsets": [0, 0]}}).encode()
+    folder = tmp_path / "lying"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    depot.import_dir(folder, "acme/lying")
+    api = HfApi(endpoint=node.url)
+    assert api.model_info("acme/lying").safetensors is None
+    assert {m.id: m.safetensors for m in api.list_models(expand=["safetensors"])}["acme/lying"] is None
+    with pytest.raises(InvalidInputError, match="tensor 't' has"):
+        depot.load("acme/lying", engine="safetensors")
 
 
 def test_auth_check_says_whether_the_request_may_read_the_repo(depot: Depot, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import hashlib
+import logging
 import os
 import pwd
 import sqlite3
@@ -1931,3 +1932,27 @@ def test_the_users_own_cache_store_is_made_theirs_alone_a_named_one_keeps_its_mo
     with Depot(tmp_path / "team") as team:
         team.import_dir(model_dir, REPO)
     assert stat.S_IMODE((tmp_path / "team").stat().st_mode) == 0o777 & ~current_umask()
+
+
+def test_an_import_says_which_files_are_links_to_files_outside_its_folder(
+    depot: Depot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A clone whose tokenizer.json linked to its user's SSH key was imported, the key served to anyone, the
+    import silent (an explorer's trial). Such links are still followed (users link weights kept elsewhere,
+    and a Hugging Face cache's snapshot is made of links to its blobs, said nothing of), and said."""
+    secret = write_model_dir(tmp_path / "home" / ".ssh", {"id_rsa": b"-----BEGIN KEY-----"}) / "id_rsa"
+    folder = write_model_dir(tmp_path / "clone", {"config.json": b"{}", "inside.json": b"[]"})
+    (folder / "tokenizer.json").symlink_to(secret)
+    (folder / "again.json").symlink_to("inside.json")  # (inside the folder: nothing to say)
+    cache = tmp_path / "hub" / "models--acme--x"
+    blob = write_model_dir(cache / "blobs", {"0" * 40: b"weights"}) / ("0" * 40)
+    (folder / "weights.bin").symlink_to(blob)  # (a cache's blob: nothing to say)
+    with caplog.at_level(logging.WARNING, logger="modeldepot.store.importer"):
+        depot.import_dir(folder, REPO)
+    said = [r.getMessage() for r in caplog.records if "outside it" in r.getMessage()]
+    assert (
+        len(said) == 1 and "1 file of it is a link to a file outside it, imported as its bytes" in said[0]
+    ), said
+    assert (
+        f"tokenizer.json -> {secret}" in said[0] and "again.json" not in said[0] and "weights" not in said[0]
+    )

@@ -14,7 +14,7 @@ import contextlib
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import PurePath
 from typing import TypeVar
 from urllib.parse import unquote
@@ -307,6 +307,32 @@ def validate_size(value: object, maximum: int = MAX_FILE_SIZE) -> int:
     if not 0 <= value <= maximum:
         raise InvalidInputError(f"size {value} is outside 0..{maximum}")
     return value
+
+
+TENSOR_DIMS_MAX = (
+    64  # dimensions of a model file's tensor: more is no model's (ggml has 4), and work to multiply
+)
+
+
+def tensor_elements(shape: Sequence[object], most: int) -> int:
+    """The elements of a tensor of ``shape`` (as a model file's header gives it), at most ``most`` (a bound
+    the file's size gives); ValueError for a shape that is not whole non-negative numbers, of more than
+    :data:`TENSOR_DIMS_MAX` dimensions, or of more elements: multiplied whole, 120,000 dimensions of 2**60
+    from a 2.4 MB header held every thread of a node for 25 s, their product too big to answer (an
+    explorer's trial)."""
+    if len(shape) > TENSOR_DIMS_MAX:
+        raise ValueError(f"has {len(shape)} dimensions")
+    if not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError("has a dimension that is not a whole number of 0 or more")
+    dims: list[int] = [n for n in shape if isinstance(n, int)]
+    if 0 in dims:
+        return 0
+    elements = 1
+    for n in dims:
+        elements *= n
+        if elements > most:
+            raise ValueError(f"has more elements than its file could hold ({most})")
+    return elements
 
 
 def validate_label(value: object) -> str:

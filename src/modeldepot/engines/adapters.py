@@ -37,6 +37,7 @@ from modeldepot.hub.variants import (
     is_gguf_model,
     safetensors_shard_names,
 )
+from modeldepot.validation import tensor_elements
 
 __all__ = [
     "ENGINES",
@@ -234,16 +235,13 @@ def _safetensors_header(mapping: mmap.mmap | None, size: int, path: Path) -> tup
         itemsize = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4}.get(
             dtype, 2 if "16" in dtype else 1
         )
-        elements = 1
-        for dim in shape:
-            elements *= dim
-        if (
-            not (0 <= start <= end <= size - base)
-            or min(shape, default=0) < 0
-            or (
-                dtype in _SAFETENSORS_DTYPES.keys() | _SAFETENSORS_ML_DTYPES.keys()
-                and end - start != elements * itemsize
-            )
+        try:  # (bounded as it is multiplied: see tensor_elements)
+            elements = tensor_elements(shape, size * 8)
+        except ValueError as error:
+            raise InvalidInputError(f"{path.name}: tensor {name!r} {error}") from None
+        if not (0 <= start <= end <= size - base) or (
+            dtype in _SAFETENSORS_DTYPES.keys() | _SAFETENSORS_ML_DTYPES.keys()
+            and end - start != elements * itemsize
         ):
             raise InvalidInputError(f"{path.name}: tensor {name!r} does not fit the file")
     # Two tensors on the same bytes: a malformed file the safetensors library refuses ("invalid offset"),

@@ -3,9 +3,10 @@ memory-mapping ``GGUFReader``.
 
 A split model (``model-00001-of-00003.gguf``, as llama.cpp's ``gguf-split`` and gguf-py's writer name
 them) loads whole or not at all: every shard is opened, its ``split.count``/``split.no`` checked against
-its name, and the tensors merged. The header is walked with bounds checks before ``GGUFReader`` reads it,
-so a file that is not GGUF, is truncated or lies about its sizes is an :class:`InvalidInputError` naming
-the file, never a raw numpy error or a loop over a count the file does not hold.
+its name, and the tensors merged. The header is walked with bounds checks before ``GGUFReader`` reads it
+(:mod:`modeldepot.engines.gguf_header`), so a file that is not GGUF, is truncated or lies about its sizes
+is an :class:`InvalidInputError` naming the file, never a raw numpy error or a loop over a count the file
+does not hold.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import importlib
 import mmap
 import os
-import struct
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modeldepot.engines.gguf_header import check_layout
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import gguf_shard_names
 
@@ -28,14 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["GgufModel", "GgufTensorInfo", "load_gguf"]
 
 
-_MAGIC = b"GGUF"
-_VERSIONS = (2, 3)  # what GGUFReader reads (version 1 had 32-bit lengths)
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
-_MAX_NESTING = 8  # arrays of arrays: deeper than any writer goes
-_DEFAULT_ALIGNMENT = 32
-_MIN_KV = 13  # the fewest bytes a key-value takes (an empty key, a 1-byte value)
-_MIN_TENSOR_INFO = 24  # and a tensor's info (an empty name, no dimensions)
+_STRING, _ARRAY = 8, 9  # GGUFValueType
 
 
 @dataclass(frozen=True)
@@ -187,124 +180,13 @@ def _read(gguf: Any, path: Path) -> Any:
             if size < 24:
                 raise InvalidInputError(f"{path.name} is not a GGUF file: {size} bytes")
             with mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapping:
-                _check_layout(mapping, size, path.name, gguf.GGML_QUANT_SIZES)
+                check_layout(mapping, size, path.name, gguf.GGML_QUANT_SIZES)
     except FileNotFoundError:
         raise NotFoundError(f"{path.name} is not there") from None
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError) as error:
         raise InvalidInputError(f"{path.name} is not a readable GGUF file: {error}") from None
-
-
-class _Cursor:
-    """Reads the header of a mapped GGUF file, refusing every read past its end."""
-
-    def __init__(self, data: mmap.mmap, size: int, order: str, name: str) -> None:
-        self.data, self.size, self.order, self.name = data, size, order, name
-        self.offset = 0
-
-    def take(self, fmt: str) -> tuple[Any, ...]:
-        length = struct.calcsize(self.order + fmt)
-        self.need(length)
-        values = struct.unpack_from(self.order + fmt, self.data, self.offset)
-        self.offset += length
-        return values
-
-    def skip(self, length: int) -> None:
-        self.need(length)
-        self.offset += length
-
-    def string(self) -> bytes:
-        (length,) = self.take("Q")
-        self.need(length)
-        value = self.data[self.offset : self.offset + length]
-        self.offset += length
-        return value
-
-    def need(self, length: int) -> None:
-        if self.offset + length > self.size:
-            raise InvalidInputError(
-                f"{self.name} is truncated: its header needs byte {self.offset + length}, the file has {self.size}"
-            )
-
-    def value(self, vtype: int, depth: int = 0) -> None:
-        if vtype in _SCALAR_SIZES:
-            self.skip(_SCALAR_SIZES[vtype])
-        elif vtype == _STRING:
-            (length,) = self.take("Q")
-            self.skip(length)
-        elif vtype == _ARRAY and depth < _MAX_NESTING:
-            itype, count = self.take("IQ")
-            if itype in _SCALAR_SIZES:
-                self.skip(count * _SCALAR_SIZES[itype])
-            else:  # strings or arrays: each takes at least 8 bytes, so the file's end bounds the loop
-                for _ in range(count):
-                    self.value(itype, depth + 1)
-        else:
-            raise InvalidInputError(
-                f"{self.name} is not a readable GGUF file: value type {vtype} at byte {self.offset}"
-            )
-
-
-def _check_layout(data: mmap.mmap, size: int, name: str, quant_sizes: Mapping[Any, tuple[int, int]]) -> None:
-    """Walk the header (magic, version, key-values, tensor infos) and check every tensor's data lies in
-    the file: what GGUFReader assumes."""
-    if data[:4] != _MAGIC:
-        raise InvalidInputError(
-            f"{name} is not a GGUF file (it starts with {bytes(data[:4])!r}, not b'GGUF')"
-        )
-    (version,) = struct.unpack_from("<I", data, 4)
-    order = ">" if version & 0xFFFF == 0 else "<"  # a file written on a machine of the other byte order
-    cursor = _Cursor(data, size, order, name)
-    cursor.skip(4)
-    (version,) = cursor.take("I")
-    if version not in _VERSIONS:
-        raise InvalidInputError(f"{name} is GGUF version {version}; versions {_VERSIONS} are readable")
-    tensor_count, kv_count = cursor.take("QQ")
-    if kv_count * _MIN_KV + tensor_count * _MIN_TENSOR_INFO > size:
-        raise InvalidInputError(
-            f"{name} is truncated: it counts {kv_count} key-values and {tensor_count} tensors in {size} bytes"
-        )
-    alignment = _DEFAULT_ALIGNMENT
-    for _ in range(kv_count):
-        key = cursor.string()
-        (vtype,) = cursor.take("I")
-        if key == b"general.alignment":
-            if vtype != _UINT32:
-                raise InvalidInputError(f"{name}: general.alignment is not a uint32")
-            (alignment,) = cursor.take("I")
-            if alignment == 0 or alignment & (alignment - 1):
-                raise InvalidInputError(f"{name}: general.alignment {alignment} is not a power of two")
-        else:
-            cursor.value(vtype)
-    sizes = {int(kind): kind_sizes for kind, kind_sizes in quant_sizes.items()}
-    tensors: list[tuple[str, int, int]] = []
-    for _ in range(tensor_count):
-        tensor = cursor.string().decode("utf-8", "replace")
-        (n_dims,) = cursor.take("I")
-        cursor.need(8 * n_dims)
-        dims = cursor.take(f"{n_dims}Q")
-        kind, offset = cursor.take("IQ")
-        if kind not in sizes:
-            raise InvalidInputError(
-                f"{name}: tensor {tensor!r} has ggml type {kind}, which gguf does not know"
-            )
-        block, type_size = sizes[kind]
-        elements = 1
-        for dim in dims:
-            elements *= dim
-        if dims and dims[0] % block:
-            raise InvalidInputError(
-                f"{name}: tensor {tensor!r} has rows of {dims[0]}, not whole blocks of {block}"
-            )
-        tensors.append((tensor, offset, elements * type_size // block))
-    start = -(-cursor.offset // alignment) * alignment
-    for tensor, offset, length in tensors:
-        if start + offset + length > size:
-            raise InvalidInputError(
-                f"{name} is truncated: tensor {tensor!r} needs bytes up to {start + offset + length}, "
-                f"the file has {size}"
-            )
 
 
 def _scalar(reader: Any, key: str) -> int | None:

@@ -105,6 +105,7 @@ def scan_source(directory: Path, store_home: Path | None = None) -> list[SourceF
     if real_store == real_root:
         raise SourceDirectoryError(f"{directory} is the store itself: give the folder that holds the model")
     found: list[SourceFile] = []
+    outside: list[str] = []  # links to files outside the folder: "path -> target"
     # The real paths of each folder walked and of the folders it lies in: a link to one of them is a loop.
     lineage: dict[str, frozenset[str]] = {os.fspath(directory): frozenset({real_root})}
     for root, dirs, names in os.walk(directory, followlinks=True):
@@ -132,8 +133,25 @@ def scan_source(directory: Path, store_home: Path | None = None) -> list[SourceF
                     f"{absolute} is not a regular file; remove it or import another folder"
                 )
             found.append(SourceFile(relative, absolute, info.st_size))
+            if absolute.is_symlink():
+                target = os.path.realpath(absolute)
+                # (a Hugging Face cache's blob, as a snapshot folder's links name: what it is made of)
+                if (
+                    os.path.commonpath([real_root, target]) != real_root
+                    and Path(target).parent.name != "blobs"
+                ):
+                    outside.append(f"{relative} -> {target}")
     if not found:
         raise SourceDirectoryError(f"{directory} holds no files to import")
+    if outside:
+        # (a clone whose tokenizer.json linked to its user's SSH key served the key to anyone, the import
+        # silent: an explorer's trial)
+        several = len(outside) != 1
+        log.warning("%s: %s of it %s outside it, imported as %s bytes: %s%s; a folder from a clone or an "
+                    "archive deserves a look before its repo is served (--private keeps it to the token's "
+                    "holders)", directory, f"{len(outside)} files" if several else "1 file",
+                    "are links to files" if several else "is a link to a file", "their" if several else "its",
+                    "; ".join(outside[:3]), f" and {len(outside) - 3} more" if len(outside) > 3 else "")  # fmt: skip
     return sorted(found, key=lambda f: f.path)
 
 
