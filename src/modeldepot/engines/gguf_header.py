@@ -11,10 +11,11 @@ eight reads at once (an explorer's trial).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from modeldepot.errors import InvalidInputError, NotFoundError
 from modeldepot.validation import tensor_elements
 
-__all__ = ["GgufSummary", "check_layout", "gguf_summary"]
+__all__ = ["GgufSummary", "check_layout", "gguf_summary", "mapped"]
 
 _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)  # what GGUFReader reads (version 1 had 32-bit lengths)
@@ -147,21 +148,29 @@ def gguf_summary(paths: list[Path]) -> GgufSummary:
     metadata of the first, the parameters of them all."""
     found = GgufSummary()
     for number, path in enumerate(paths):
-        try:
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size < 24:
-                    raise InvalidInputError(f"{path.name} is not a GGUF file: {size} bytes")
-                with mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapping:
-                    _cursor, summary, _alignment, tensors = _walk(mapping, size, path.name, keep=number == 0)
-        except FileNotFoundError:
-            raise NotFoundError(f"{path.name} is not there") from None
+        with mapped(path) as (mapping, size):
+            _cursor, summary, _alignment, tensors = _walk(mapping, size, path.name, keep=number == 0)
         found.total += sum(
             _elements(path.name, tensor, dims, size) for tensor, dims, _kind, _offset in tensors
         )
         if number == 0:
             found.values = summary.values
     return found
+
+
+@contextlib.contextmanager
+def mapped(path: Path) -> Iterator[tuple[mmap.mmap, int]]:
+    """``path`` mapped read-only, and its size; NotFoundError when it is not there, InvalidInputError when it
+    is too small to be GGUF."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < 24:
+                raise InvalidInputError(f"{path.name} is not a GGUF file: {size} bytes")
+            with mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapping:
+                yield mapping, size
+    except FileNotFoundError:
+        raise NotFoundError(f"{path.name} is not there") from None
 
 
 def _elements(name: str, tensor: str, dims: tuple[int, ...], size: int) -> int:

@@ -12,13 +12,11 @@ does not hold.
 from __future__ import annotations
 
 import importlib
-import mmap
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modeldepot.engines.gguf_header import check_layout
+from modeldepot.engines.gguf_header import check_layout, mapped
 from modeldepot.errors import ConfigError, InvalidInputError, NotFoundError
 from modeldepot.hub.variants import gguf_shard_names
 
@@ -174,15 +172,8 @@ def load_gguf(path: Path) -> GgufModel:
 
 def _read(gguf: Any, path: Path) -> Any:
     """A ``GGUFReader`` (read-only mapping) of ``path``, its header checked first."""
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size < 24:
-                raise InvalidInputError(f"{path.name} is not a GGUF file: {size} bytes")
-            with mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapping:
-                check_layout(mapping, size, path.name, gguf.GGML_QUANT_SIZES)
-    except FileNotFoundError:
-        raise NotFoundError(f"{path.name} is not there") from None
+    with mapped(path) as (mapping, size):
+        check_layout(mapping, size, path.name, gguf.GGML_QUANT_SIZES)
     try:
         return gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError) as error:
