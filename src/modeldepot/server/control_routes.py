@@ -421,6 +421,10 @@ class PullJobs:
         told = asyncio.ensure_future(job.told.wait())
         try:
             await asyncio.wait({job.task, told}, timeout=ROOM_PATIENCE, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # (the request went: the job is the pull's now, counted as it ends)
+            if job.task.done():
+                self.ended[job.state] = self.ended.get(job.state, 0) + 1
+            raise
         finally:
             told.cancel()
             job.counted_at_end = True

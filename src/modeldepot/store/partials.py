@@ -496,7 +496,7 @@ class PartialFiles:
                 try:
                     take_flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except BlockingIOError:  # (held: a live pull's, written whole before it was marked)
-                    paths = json.loads(os.pread(fd, 1 << 26, 0) or b"[]")
+                    paths = json.loads(os.pread(fd, min(os.fstat(fd).st_size, 1 << 26), 0) or b"[]")
                     if isinstance(paths, list) and all(isinstance(p, str) for p in paths):
                         taken.update(paths)
                         told.add(pid)
