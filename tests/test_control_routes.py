@@ -450,6 +450,59 @@ def test_a_request_beside_a_pull_refused_for_room_is_refused_too(
         node.stop()
 
 
+def test_a_variant_being_pulled_is_not_removed_by_its_other_name(
+    guarded: LiveNode, local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DELETE of `onnx-fp16` went through while a pull of `fp16` scanned (their names compared as written),
+    and the pull published the variant again after "removed" (a review's trial)."""
+    pull(guarded, ["fp16"], AUTH)
+    scanning, go_on = threading.Event(), threading.Event()
+    real = local.manifest_for
+
+    def slow_scan(*args: Any, **kwargs: Any) -> Any:
+        scanning.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(local, "manifest_for", slow_scan)
+    with ThreadPoolExecutor(1) as pool:
+        started = pool.submit(
+            call, guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH
+        )
+        assert scanning.wait(10)
+        removed = call(guarded.port, "DELETE", f"{API}/repos/{REPO}?quant=onnx-fp16", headers=AUTH)
+        go_on.set()
+        finished(guarded, started.result(30).json()["id"], AUTH)
+    assert removed.status == 409, removed.body
+
+
+def test_the_same_commit_asked_by_its_id_beside_a_pull_refused_for_room_is_refused_too(
+    local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By branch, then by commit id while the first waited to know it had room: the second was handed the
+    first's job (200), gone a moment later (a review's trial)."""
+    commit = local.manifest_for(REPO, "main").commit_id
+
+    def no_room(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)  # (the room made, evicting or not, then found short)
+        raise StoreFullError("pulling it needs 1.0 MiB more on the store's disk: nothing was fetched")
+
+    monkeypatch.setattr(local.store.partials, "check_room", no_room)
+    node = LiveNode(local, token=TOKEN)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(
+                call, node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH
+            )
+            time.sleep(0.15)
+            second = pool.submit(call, node.port, "POST", f"{API}/pulls",
+                                 {"repo": REPO, "revision": commit, "quants": ["fp16"]}, AUTH)  # fmt: skip
+            answers = [first.result(), second.result()]
+        assert [a.status for a in answers] == [507, 507], [a.body for a in answers]
+    finally:
+        node.stop()
+
+
 def test_a_pull_of_what_another_write_fetches_is_not_refused_for_its_room_counted_twice(
     guarded: LiveNode, local: Depot
 ) -> None:

@@ -11,6 +11,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -632,4 +633,60 @@ def test_model_info_reads_a_gguf_header_without_the_gguf_reader(
         assert api.model_info("acme/lying").gguf is None
         assert {m.id: m.gguf for m in api.list_models(expand=["gguf"])}["acme/lying"] is None
     finally:
+        node.stop()
+
+
+def test_a_shard_not_named_as_one_has_no_gguf_properties(
+    depot: Depot, split_folder: Path, tmp_path: Path
+) -> None:
+    """A single file whose metadata says it is shard 1 of 2 gave that shard's parameters as the model's, where
+    the loader refuses it (a review's trial)."""
+    from huggingface_hub import HfApi
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(split_folder / "tiny-Q8_0-00001-of-00002.gguf", lone / "tiny-Q8_0.gguf")
+    depot.import_dir(lone, "acme/lone")
+    node = LiveNode(depot)
+    try:
+        assert HfApi(endpoint=node.url).model_info("acme/lone").gguf is None
+    finally:
+        node.stop()
+
+
+def test_a_slow_header_read_holds_no_other_repos_model_info(
+    single: Depot, depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One lock for every header read: a hostile file's slow read held every other repo's model info (a
+    review's trial). Whoever asks for one commit's waits for its one read; another commit's goes on."""
+    import threading
+
+    from huggingface_hub import HfApi
+
+    from modeldepot.server import listing
+
+    (tmp_path / "other").mkdir()
+    write_gguf(tmp_path / "other" / "other-Q8_0.gguf")
+    depot.import_dir(tmp_path / "other", "acme/other")
+    reading, go_on = threading.Event(), threading.Event()
+    real = listing.gguf_summary
+
+    def held_read(paths: list[Path]) -> Any:
+        if paths[0].name == "tiny-Q8_0.gguf":
+            reading.set()
+            go_on.wait(30)
+        return real(paths)
+
+    monkeypatch.setattr(listing, "gguf_summary", held_read)
+    node = LiveNode(depot)
+    try:
+        api = HfApi(endpoint=node.url)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(api.model_info, REPO)
+            assert reading.wait(30)
+            assert api.model_info("acme/other").gguf is not None  # (while the other read is held)
+            go_on.set()
+            assert slow.result(30).gguf is not None
+    finally:
+        go_on.set()
         node.stop()

@@ -1956,3 +1956,44 @@ def test_an_import_says_which_files_are_links_to_files_outside_its_folder(
     assert (
         f"tokenizer.json -> {secret}" in said[0] and "again.json" not in said[0] and "weights" not in said[0]
     )
+
+
+def test_a_pulls_takes_file_is_never_seen_unlocked(
+    depot: Depot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc ran between a takes file's creation and its lock, deleted it as a killed pull's, and `rm -q` of
+    the variant that pull took went through (another pull of the process said what it took: a review's
+    trial). The file is named as a pull's once it is locked."""
+    import fcntl
+
+    import modeldepot.store.partials as partials_module
+    from modeldepot.errors import PullRunningError
+
+    files = {
+        "config.json": b"{}",
+        "model-Q4_K_M.gguf": b"GGUF" + bytes(60),
+        "model-Q8_0.gguf": b"GGUF" + bytes(90),
+    }
+    depot.import_dir(write_model_dir(tmp_path / "m", files), "acme/quants")
+    partials = depot.store.partials
+    real = partials_module.take_flock
+    armed = [False]
+
+    def racing(fd: int, flags: int) -> None:
+        if flags == fcntl.LOCK_EX and armed[0]:  # (the takes file's lock)
+            armed[0] = False
+            partials.collect(False)  # (a gc right then)
+        real(fd, flags)
+
+    monkeypatch.setattr(partials_module, "take_flock", racing)
+    with partials.pulling("acme/quants", ["config.json", "model-Q4_K_M.gguf"]):
+        armed[0] = True
+        with partials.pulling("acme/quants", ["config.json", "model-Q8_0.gguf"]):
+            assert partials.pulls_take("acme/quants") == {
+                "config.json",
+                "model-Q4_K_M.gguf",
+                "model-Q8_0.gguf",
+            }
+            with pytest.raises(PullRunningError):
+                depot.remove("acme/quants", quant="Q8_0")
+    assert not list(partials.root.glob("*.takes")) and not list(partials.root.glob(".*.takes"))

@@ -36,6 +36,7 @@ _MIN_KV = 13  # the fewest bytes a key-value takes (an empty key, a 1-byte value
 _MIN_TENSOR_INFO = 24  # and a tensor's info (an empty name, no dimensions)
 _MAX_DIMS = 64  # dimensions of a tensor (ggml has 4): more is no model's, and their product is work
 _TOKENS = b"tokenizer.ggml.tokens"
+_SPLITS = b"split.count"
 # The metadata a summary keeps (strings and integers), and the tokens it names (their ids)
 _KEPT = (b"general.architecture", b"tokenizer.chat_template")
 _TOKEN_IDS = {b"tokenizer.ggml.bos_token_id": "bos", b"tokenizer.ggml.eos_token_id": "eos"}
@@ -48,6 +49,7 @@ class GgufSummary:
 
     total: int = 0
     values: dict[str, Any] = field(default_factory=dict)
+    split_count: int | None = None  # its ``split.count``: the shards of a split model
 
     def properties(self) -> dict[str, Any]:
         """The Hub's ``gguf`` property."""
@@ -150,6 +152,10 @@ def gguf_summary(paths: list[Path]) -> GgufSummary:
     for number, path in enumerate(paths):
         with mapped(path) as (mapping, size):
             _cursor, summary, _alignment, tensors = _walk(mapping, size, path.name, keep=number == 0)
+        # (a shard not named as one, its split.count more than the files given: its tensors are not the
+        # model's, as the loader says, a review)
+        if number == 0 and summary.split_count not in (None, len(paths)):
+            raise InvalidInputError(f"{path.name} is a shard of {summary.split_count}, read as {len(paths)}")
         found.total += sum(
             _elements(path.name, tensor, dims, size) for tensor, dims, _kind, _offset in tensors
         )
@@ -216,9 +222,13 @@ def _walk(
             (alignment,) = cursor.take("I")
             if alignment == 0 or alignment & (alignment - 1):
                 raise InvalidInputError(f"{name}: general.alignment {alignment} is not a power of two")
-        elif keep and (key in _KEPT or key in _TOKEN_IDS or key.endswith(b".context_length")):
+        elif keep and (
+            key in _KEPT or key in _TOKEN_IDS or key.endswith(b".context_length") or key == _SPLITS
+        ):
             value = cursor.kept(vtype)
-            if key in _TOKEN_IDS and isinstance(value, int):
+            if key == _SPLITS and isinstance(value, int):
+                summary.split_count = value
+            elif key in _TOKEN_IDS and isinstance(value, int):
                 token_ids[_TOKEN_IDS[key]] = value
             elif key.endswith(b".context_length") and isinstance(value, int):
                 contexts[key] = value

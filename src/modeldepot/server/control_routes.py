@@ -352,7 +352,9 @@ class PullJobs:
         def takes(key: PullKey) -> bool:
             asked = key[2]
             return key[0] == repo_id.lower() and (
-                quant is None or not isinstance(asked, tuple) or quant.lower() in asked
+                quant is None
+                or not isinstance(asked, tuple)
+                or _bare(quant) in {_bare(name) for name in asked}
             )
 
         running = [job.id for key, job in self._running.items() if takes(key)]
@@ -384,8 +386,10 @@ class PullJobs:
             wanted = _variants(manifest, quants)
             await in_budget_pool(_check_fits, depot, manifest, wanted, to_the_end=False)
             # (the same commit asked by branch and by commit id: one job, as for the same words twice)
+            # (not one whose start still waits to know it has room: refused, it was a job gone at once, a review)
             same = next((job for (repo, _, asked), job in self._running.items() if repo == key[0]
-                         and job.commit_id == manifest.commit_id and asked == _key(repo, "", wanted)[2]), None)  # fmt: skip
+                         and job.commit_id == manifest.commit_id and asked == _key(repo, "", wanted)[2]
+                         and job.counted_at_end), None)  # fmt: skip
             if same is not None:
                 future.set_result(same)
                 return same, False
@@ -564,6 +568,16 @@ def _kept_for_a_resume(depot: Depot, repo_id: str) -> int | None:
     except (DepotError, OSError):  # (a store closing as the node stops, say)
         return None
     return sum(v.bytes_done for v in stopped) if stopped else None
+
+
+def _bare(quant: str) -> str:
+    """A variant's name without its kind, in lower case (``onnx-fp16`` and ``fp16`` name one variant when
+    the revision holds one fp16: see ``variant_aliases``): a DELETE by the other name went by a pull of it."""
+    name = quant.lower()
+    for kind in ("onnx-", "gguf-", "safetensors-"):
+        if name.startswith(kind):
+            return name[len(kind) :]
+    return name
 
 
 def _kept_text(kept: int | None) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import html
 import json
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,7 +307,7 @@ def safetensors_info(
     )
     if key in _PARAMETERS:
         return _PARAMETERS[key]
-    with _READING_HEADERS:
+    with _read_once(key):
         if key not in _PARAMETERS:  # (read once, whatever asks at once)
             _parameters_read(store, repo_id, commit_id, listed, held, key)
     return _PARAMETERS.get(key)
@@ -339,7 +340,24 @@ def _parameters_read(store: Store, repo_id: str, commit_id: str, listed: set[str
 
 
 _GGUF: dict[tuple[str, str, str, tuple[str, ...]], dict[str, Any] | None] = {}  # (as _PARAMETERS) -> gguf
-_READING_HEADERS = threading.Lock()  # (model files' headers read one at a time, each once)
+_BEING_READ: dict[tuple[Any, ...], threading.Lock] = {}  # a commit's headers being read -> its readers' lock
+_BEING_READ_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _read_once(key: tuple[Any, ...]) -> Iterator[None]:
+    """Held while a commit's model headers are read: whoever asks for them at once waits for the one read
+    (eight reads at once of a hostile file took a node's memory, an explorer's trial), and a read of another
+    commit goes on beside (one lock for all held model info of every repo behind a slow read, a review)."""
+    with _BEING_READ_GUARD:
+        lock = _BEING_READ.setdefault(key, threading.Lock())
+    try:
+        with lock:
+            yield
+    finally:
+        with _BEING_READ_GUARD:
+            if _BEING_READ.get(key) is lock and not lock.locked():
+                del _BEING_READ[key]
 
 
 def gguf_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | None:
@@ -351,7 +369,7 @@ def gguf_info(store: Store, repo_id: str, commit_id: str) -> dict[str, Any] | No
     key = (str(store.home), repo_id, commit_id, tuple(held.values()))
     if key in _GGUF:
         return _GGUF[key]
-    with _READING_HEADERS:  # (read once, whatever asks at once: eight reads at once took a node's memory)
+    with _read_once(key):
         if key not in _GGUF:
             _gguf_read(store, repo_id, commit_id, held, key)
     return _GGUF.get(key)

@@ -114,6 +114,7 @@ PUBLIC_MARK = "public-mark"  # the empty file every download's ``.public`` mark 
 # looks at, five times a second, to tell its fleet at once that the store holds one more file
 ENDED_MARK = "ended-mark"
 TAKES = ".takes"  # a running pull's file of the paths it publishes, beside its repo's pull mark
+MADE_TAKES_AGE = 3600.0  # seconds after which such a file left under its making name is a killed pull's
 WANTED = "wanted"  # the folder of partials/ whose marks name contents that pulls wait for
 _HEADER = "modeldepot-partial 1 size={size} chunk={chunk}\n"
 _HEADER_LINE = re.compile(r"modeldepot-partial 1 size=([0-9]{1,19}) chunk=([0-9]{1,12})")
@@ -460,19 +461,28 @@ class PartialFiles:
 
     @contextlib.contextmanager
     def _taking(self, mark: Path, paths: Collection[str]) -> Iterator[None]:
+        """The file of what a pull takes: written and locked under a name gc does not look at, then named as
+        a pull's (visible unlocked, gc deleted it as a killed pull's, and a removal went by the pull: a
+        review)."""
         name = self.root / f"{mark.stem}.{os.getpid()}.{secrets.token_hex(4)}{TAKES}"
+        making = name.with_name(f".{name.name}")
         try:
             fd = lock_file(
-                open_within, name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666, self.layout.real_home
+                open_within, making, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666, self.layout.real_home
             )
         except OSError as error:
             raise os_error(error, "marking a pull as running") from error
         try:
             take_flock(fd, fcntl.LOCK_EX)
             os.write(fd, json.dumps(sorted(paths)).encode())
+            try:
+                self.layout.rename(making, name)
+            except OSError as error:
+                raise os_error(error, "marking a pull as running") from error
             yield
         finally:
             self.layout.unlink(name)
+            self.layout.unlink(making)  # (when the rename failed)
             unlock_and_close(fd)
 
     def pulls_take(self, repo_id: str) -> frozenset[str] | None:
@@ -992,6 +1002,10 @@ class PartialFiles:
         for takes in self.root.glob(f"pull-*{TAKES}"):  # (a pull killed: its file no pull holds)
             if lock_is_held(takes) is False:
                 self.layout.unlink(takes)
+        for making in self.root.glob(f".pull-*{TAKES}"):  # (killed as it made its file: not one being made)
+            with contextlib.suppress(OSError):
+                if time.time() - making.stat().st_mtime > MADE_TAKES_AGE and lock_is_held(making) is False:
+                    self.layout.unlink(making)
         for mark in self.root.glob("pull-*.lock"):  # (one per repo ever pulled: an inode each, for good)
             with contextlib.suppress(OSError):
                 fd = lock_file(os.open, mark, os.O_RDONLY | _OWN_FILE)
