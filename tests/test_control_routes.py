@@ -61,7 +61,7 @@ from modeldepot.errors import PullRunningError, StoreFullError, UpstreamError
 from modeldepot.server import create_app
 from modeldepot.server.connections import NodeRunner
 from modeldepot.server.context import CONTROL_TOKEN as APP_CONTROL_TOKEN
-from modeldepot.server.control_routes import CONTROL_PATHS, MAX_CONTROL_BODY, PULLS
+from modeldepot.server.control_routes import CONTROL_PATHS, MAX_CONTROL_BODY, PULLS, PullJob, PullJobs
 from modeldepot.server.dashboard import ASSETS
 from modeldepot.server.openapi import openapi_document
 from modeldepot.store.layout import size_text
@@ -501,6 +501,47 @@ def test_the_same_commit_asked_by_its_id_beside_a_pull_refused_for_room_is_refus
         assert [a.status for a in answers] == [507, 507], [a.body for a in answers]
     finally:
         node.stop()
+
+
+def test_the_same_commit_asked_by_its_id_beside_a_start_with_room_is_one_job(
+    local: Depot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By branch, then by commit id while the first waits to know it has room (it has): one job (a start that
+    waited skipped the first's job, and a second pull of the same files ran beside it: a review's trial)."""
+    commit = local.manifest_for(REPO, "main").commit_id
+    real = local.store.partials.check_room
+
+    def slow_room(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.6)  # (room made, found enough)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(local.store.partials, "check_room", slow_room)
+    node = LiveNode(local, token=TOKEN)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(
+                call, node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH
+            )
+            time.sleep(0.15)
+            second = pool.submit(call, node.port, "POST", f"{API}/pulls",
+                                 {"repo": REPO, "revision": commit, "quants": ["fp16"]}, AUTH)  # fmt: skip
+            answers = [first.result(), second.result()]
+        ids = {a.json()["id"] for a in answers}
+        assert [a.status for a in answers] == [202, 200] and len(ids) == 1, [a.body for a in answers]
+        finished(node, ids.pop(), AUTH)
+    finally:
+        node.stop()
+
+
+def test_a_removal_of_one_fp16_goes_beside_a_pull_of_the_other_kinds() -> None:
+    """onnx-fp16 and safetensors-fp16 are two variants: a running pull of one refused the DELETE of the other
+    (their kinds stripped, one name: a review's trial); onnx-fp16 and fp16 may be one."""
+    jobs = PullJobs()
+    job = PullJob("j1", "acme/both", "main", ["safetensors-fp16"], "c" * 40, "running", 0, 0, 0.0)
+    jobs._running[("acme/both", "main", ("safetensors-fp16",))] = job
+    assert jobs.pulling("acme/both", "onnx-fp16") is None
+    assert jobs.pulling("acme/both", "fp16") == "pull j1"
+    assert jobs.pulling("acme/both", "SAFETENSORS-FP16") == "pull j1"
 
 
 def test_a_pull_of_what_another_write_fetches_is_not_refused_for_its_room_counted_twice(

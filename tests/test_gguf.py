@@ -690,3 +690,33 @@ def test_a_slow_header_read_holds_no_other_repos_model_info(
     finally:
         go_on.set()
         node.stop()
+
+
+def test_one_reader_of_a_commits_headers_at_a_time() -> None:
+    """The lock of a commit's header reads went as its holder let go, while a waiter woken had yet to take
+    it: the next asker made another, and four read one commit at once (a review's trial)."""
+    import threading
+    import time
+
+    from modeldepot.server import listing
+
+    key = ("home", "acme/x", "c0ffee", ("sha",))
+    inside, most = [0], [0]
+    guard = threading.Lock()
+
+    def reader() -> None:
+        for _ in range(300):
+            with listing._read_once(key):
+                with guard:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.0005)
+                with guard:
+                    inside[0] -= 1
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and listing._BEING_READ == {}, most

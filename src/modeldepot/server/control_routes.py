@@ -284,6 +284,7 @@ class PullJob:
     failure: DepotError | None = field(default=None, repr=False)  # what it failed with
     told: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # its pull told its progress once
     counted_at_end: bool = field(default=False, repr=False)  # its end is counted as it ends (past its start)
+    settled: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # its start knows it has room
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -354,7 +355,7 @@ class PullJobs:
             return key[0] == repo_id.lower() and (
                 quant is None
                 or not isinstance(asked, tuple)
-                or _bare(quant) in {_bare(name) for name in asked}
+                or any(_one_variant(quant, name) for name in asked)
             )
 
         running = [job.id for key, job in self._running.items() if takes(key)]
@@ -381,6 +382,7 @@ class PullJobs:
             return running, False
         future: asyncio.Future[PullJob] = asyncio.get_running_loop().create_future()
         self._starting[key] = future
+        counted = False  # (a refusal already counted, by the request whose start it was)
         try:
             manifest = await asyncio.to_thread(depot.manifest_for, repo_id, revision)
             wanted = _variants(manifest, quants)
@@ -388,9 +390,14 @@ class PullJobs:
             # (the same commit asked by branch and by commit id: one job, as for the same words twice)
             # (not one whose start still waits to know it has room: refused, it was a job gone at once, a review)
             same = next((job for (repo, _, asked), job in self._running.items() if repo == key[0]
-                         and job.commit_id == manifest.commit_id and asked == _key(repo, "", wanted)[2]
-                         and job.counted_at_end), None)  # fmt: skip
+                         and job.commit_id == manifest.commit_id and asked == _key(repo, "", wanted)[2]), None)  # fmt: skip
             if same is not None:
+                # (one whose start still waits to know it has room answers as it does: refused, it was a job
+                # gone at once, a review; counted once, by its own request)
+                await asyncio.shield(same.settled.wait())
+                if same.id not in self._jobs and same.failure is not None:
+                    counted = True
+                    raise same.failure
                 future.set_result(same)
                 return same, False
             job = self._launch(depot, key, manifest, revision, wanted)
@@ -401,7 +408,7 @@ class PullJobs:
             # Requests waiting for this scan get its error; when this request was cancelled (its deadline),
             # a timeout of their own (the error middleware answers 408), never a cancellation.
             cancelled = isinstance(error, asyncio.CancelledError)
-            if isinstance(error, DepotError) and response_for_error(error).status >= 500:
+            if isinstance(error, DepotError) and response_for_error(error).status >= 500 and not counted:
                 # (the node's own failure, no mistake of the request's: a full disk budget, an upstream that
                 # failed. Uncounted, an alert on failed pulls never saw the commonest: an explorer's trial)
                 self.ended["refused"] = self.ended.get("refused", 0) + 1
@@ -432,6 +439,7 @@ class PullJobs:
         finally:
             told.cancel()
             job.counted_at_end = True
+            job.settled.set()
         failure = job.failure
         if (
             job.task.done()
@@ -570,14 +578,19 @@ def _kept_for_a_resume(depot: Depot, repo_id: str) -> int | None:
     return sum(v.bytes_done for v in stopped) if stopped else None
 
 
-def _bare(quant: str) -> str:
-    """A variant's name without its kind, in lower case (``onnx-fp16`` and ``fp16`` name one variant when
-    the revision holds one fp16: see ``variant_aliases``): a DELETE by the other name went by a pull of it."""
-    name = quant.lower()
-    for kind in ("onnx-", "gguf-", "safetensors-"):
-        if name.startswith(kind):
-            return name[len(kind) :]
-    return name
+def _one_variant(one: str, other: str) -> bool:
+    """Whether two names may name one variant, as ``variant_aliases`` has it: ``onnx-fp16`` and ``fp16`` when
+    the revision holds one fp16 (a DELETE by the other name went by a pull of it, a review); never
+    ``onnx-fp16`` and ``safetensors-fp16``."""
+
+    def bare(name: str) -> str:
+        for kind in ("onnx-", "gguf-", "safetensors-"):
+            if name.startswith(kind):
+                return name[len(kind) :]
+        return name
+
+    one, other = one.lower(), other.lower()
+    return one == other or bare(one) == other or one == bare(other)
 
 
 def _kept_text(kept: int | None) -> str:

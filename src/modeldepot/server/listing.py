@@ -340,7 +340,8 @@ def _parameters_read(store: Store, repo_id: str, commit_id: str, listed: set[str
 
 
 _GGUF: dict[tuple[str, str, str, tuple[str, ...]], dict[str, Any] | None] = {}  # (as _PARAMETERS) -> gguf
-_BEING_READ: dict[tuple[Any, ...], threading.Lock] = {}  # a commit's headers being read -> its readers' lock
+# A commit's headers being read -> the lock its readers take, and how many hold or wait for it
+_BEING_READ: dict[tuple[Any, ...], tuple[threading.Lock, list[int]]] = {}
 _BEING_READ_GUARD = threading.Lock()
 
 
@@ -348,15 +349,19 @@ _BEING_READ_GUARD = threading.Lock()
 def _read_once(key: tuple[Any, ...]) -> Iterator[None]:
     """Held while a commit's model headers are read: whoever asks for them at once waits for the one read
     (eight reads at once of a hostile file took a node's memory, an explorer's trial), and a read of another
-    commit goes on beside (one lock for all held model info of every repo behind a slow read, a review)."""
+    commit goes on beside (one lock for all held model info of every repo behind a slow read, a review). The
+    lock goes when no one holds or waits for it (gone as a woken waiter had yet to take it, four read at
+    once: a review)."""
     with _BEING_READ_GUARD:
-        lock = _BEING_READ.setdefault(key, threading.Lock())
+        lock, users = _BEING_READ.setdefault(key, (threading.Lock(), [0]))
+        users[0] += 1
     try:
         with lock:
             yield
     finally:
         with _BEING_READ_GUARD:
-            if _BEING_READ.get(key) is lock and not lock.locked():
+            users[0] -= 1
+            if not users[0]:
                 del _BEING_READ[key]
 
 
