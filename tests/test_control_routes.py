@@ -123,6 +123,20 @@ class HeldPulls:
         self.gate.set()
 
 
+def held_scans(depot: Depot, monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """``depot``'s scans made to wait (a slow Hub): (set as one starts, to be set to let it go on)."""
+    scanning, go_on = threading.Event(), threading.Event()
+    real = depot.manifest_for
+
+    def slow_scan(*args: Any, **kwargs: Any) -> Any:
+        scanning.set()
+        go_on.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(depot, "manifest_for", slow_scan)
+    return scanning, go_on
+
+
 def no_space(doing: str = "writing the index") -> Any:
     """``Index.write`` on a disk so full that no transaction can start."""
     raise StoreFullError(f"no space left while {doing}: nothing was changed")
@@ -456,15 +470,7 @@ def test_a_variant_being_pulled_is_not_removed_by_its_other_name(
     """A DELETE of `onnx-fp16` went through while a pull of `fp16` scanned (their names compared as written),
     and the pull published the variant again after "removed" (a review's trial)."""
     pull(guarded, ["fp16"], AUTH)
-    scanning, go_on = threading.Event(), threading.Event()
-    real = local.manifest_for
-
-    def slow_scan(*args: Any, **kwargs: Any) -> Any:
-        scanning.set()
-        go_on.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(local, "manifest_for", slow_scan)
+    scanning, go_on = held_scans(local, monkeypatch)
     with ThreadPoolExecutor(1) as pool:
         started = pool.submit(
             call, guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH
@@ -967,15 +973,7 @@ def test_a_repo_whose_pull_is_still_scanning_is_not_removed_and_a_case_asks_for_
     """A removal while a pull's scan ran (a slow Hub: seconds) answered 200, and the pull then published the
     repo again; the same pull asked in another case during that scan started a second job (a trial)."""
     pull(guarded, ["q4f16"], AUTH)
-    scanning, go_on = threading.Event(), threading.Event()
-    real = local.manifest_for
-
-    def slow_scan(*args: Any, **kwargs: Any) -> Any:
-        scanning.set()
-        go_on.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(local, "manifest_for", slow_scan)
+    scanning, go_on = held_scans(local, monkeypatch)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(
             call, guarded.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH
