@@ -482,6 +482,16 @@ def test_a_variant_being_pulled_is_not_removed_by_its_other_name(
     assert removed.status == 409, removed.body
 
 
+def by_branch_then_by_commit(node: LiveNode, commit: str) -> list[Reply]:
+    """A pull of fp16 asked by branch, and 0.15 s later (its start under way) by ``commit``: both answers."""
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(call, node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH)
+        time.sleep(0.15)
+        second = pool.submit(call, node.port, "POST", f"{API}/pulls",
+                             {"repo": REPO, "revision": commit, "quants": ["fp16"]}, AUTH)  # fmt: skip
+        return [first.result(), second.result()]
+
+
 def test_the_same_commit_asked_by_its_id_beside_a_pull_refused_for_room_is_refused_too(
     local: Depot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -496,14 +506,7 @@ def test_the_same_commit_asked_by_its_id_beside_a_pull_refused_for_room_is_refus
     monkeypatch.setattr(local.store.partials, "check_room", no_room)
     node = LiveNode(local, token=TOKEN)
     try:
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(
-                call, node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH
-            )
-            time.sleep(0.15)
-            second = pool.submit(call, node.port, "POST", f"{API}/pulls",
-                                 {"repo": REPO, "revision": commit, "quants": ["fp16"]}, AUTH)  # fmt: skip
-            answers = [first.result(), second.result()]
+        answers = by_branch_then_by_commit(node, commit)
         assert [a.status for a in answers] == [507, 507], [a.body for a in answers]
     finally:
         node.stop()
@@ -524,14 +527,7 @@ def test_the_same_commit_asked_by_its_id_beside_a_start_with_room_is_one_job(
     monkeypatch.setattr(local.store.partials, "check_room", slow_room)
     node = LiveNode(local, token=TOKEN)
     try:
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(
-                call, node.port, "POST", f"{API}/pulls", {"repo": REPO, "quants": ["fp16"]}, AUTH
-            )
-            time.sleep(0.15)
-            second = pool.submit(call, node.port, "POST", f"{API}/pulls",
-                                 {"repo": REPO, "revision": commit, "quants": ["fp16"]}, AUTH)  # fmt: skip
-            answers = [first.result(), second.result()]
+        answers = by_branch_then_by_commit(node, commit)
         ids = {a.json()["id"] for a in answers}
         assert [a.status for a in answers] == [202, 200] and len(ids) == 1, [a.body for a in answers]
         finished(node, ids.pop(), AUTH)
